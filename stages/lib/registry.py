@@ -1,0 +1,229 @@
+"""The loss / optimizer registry: the one place that knows how each choice must be wired.
+
+For every loss it records the label encoding Keras expects (integer class ids or one-hot
+rows), the output activations that make sense for it (the first is what `auto` picks), and
+whether it can train on logits. Accuracy always means multi-class top-1 accuracy (argmax of
+the outputs against the true class), whatever the loss; one-vs-rest losses additionally
+report `binary_accuracy`, under that name, never as "accuracy".
+
+Importing this module is cheap (numpy only), so `params` can validate names and combinations
+without TensorFlow. The `make_*` functions import Keras when called (train and evaluate only),
+look classes up through Keras' own `get`, and check every user keyword against the real
+constructor's signature.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from stages.lib.errors import ParamError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import keras
+
+    from stages.lib.params import TrainParams
+
+NUM_CLASSES = 10
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """How one Keras loss is wired: labels, output activation, logits, metrics."""
+
+    keras_class: str
+    labels: Literal["sparse", "onehot"]
+    activations: tuple[str, ...]  # allowed output activations; the first is the `auto` choice
+    from_logits: bool  # accepts `from_logits=True` (then the output layer is linear)
+    one_vs_rest: bool = False  # ten independent sigmoids: also report binary_accuracy
+
+    @property
+    def default_activation(self) -> str:
+        return self.activations[0]
+
+
+LOSSES: dict[str, LossSpec] = {
+    "sparse_categorical_crossentropy": LossSpec("SparseCategoricalCrossentropy", "sparse", ("softmax",), True),
+    "categorical_crossentropy": LossSpec("CategoricalCrossentropy", "onehot", ("softmax",), True),
+    "binary_crossentropy": LossSpec("BinaryCrossentropy", "onehot", ("sigmoid",), True, one_vs_rest=True),
+    "categorical_focal_crossentropy": LossSpec("CategoricalFocalCrossentropy", "onehot", ("softmax",), True),
+    "binary_focal_crossentropy": LossSpec(
+        "BinaryFocalCrossentropy", "onehot", ("sigmoid",), True, one_vs_rest=True
+    ),
+    "kl_divergence": LossSpec("KLDivergence", "onehot", ("softmax",), False),
+    "poisson": LossSpec("Poisson", "onehot", ("softmax", "sigmoid"), False),
+    "categorical_hinge": LossSpec("CategoricalHinge", "onehot", ("linear", "tanh"), False),
+    "squared_hinge": LossSpec("SquaredHinge", "onehot", ("linear", "tanh"), False),
+    "mean_squared_error": LossSpec("MeanSquaredError", "onehot", ("softmax", "sigmoid", "linear"), False),
+}
+
+# Every optimizer Keras ships as a plain class (wrappers such as LossScaleOptimizer excluded);
+# tests/test_registry.py checks this list against `keras.optimizers`.
+OPTIMIZERS: tuple[str, ...] = (
+    "adadelta", "adafactor", "adagrad", "adam", "adamax", "adamw", "ftrl",
+    "lamb", "lion", "muon", "nadam", "rmsprop", "schedulefreeadamw", "sgd",
+)  # fmt: skip
+
+# `train.lr_schedule.name` -> class in keras.optimizers.schedules.
+LR_SCHEDULES: dict[str, str] = {
+    "exponential_decay": "ExponentialDecay",
+    "cosine_decay": "CosineDecay",
+    "cosine_decay_restarts": "CosineDecayRestarts",
+    "inverse_time_decay": "InverseTimeDecay",
+    "piecewise_constant": "PiecewiseConstantDecay",
+    "polynomial_decay": "PolynomialDecay",
+}
+
+HIDDEN_ACTIVATIONS: tuple[str, ...] = (
+    "relu", "elu", "selu", "gelu", "silu", "swish", "mish", "tanh",
+    "sigmoid", "softplus", "leaky_relu", "linear",
+)  # fmt: skip
+OUTPUT_ACTIVATIONS: tuple[str, ...] = ("softmax", "sigmoid", "linear", "tanh")
+
+# Keyword arguments a user may not pass through `train.loss_args`: set elsewhere or meaningless.
+_RESERVED_LOSS_ARGS = {"from_logits": "train.from_logits", "name": None, "dtype": None, "reduction": None}
+
+
+def output_activation(spec: LossSpec, requested: str, from_logits: bool) -> str:
+    """The activation of the output layer: linear on logits, else the requested or default one."""
+    if from_logits:
+        return "linear"
+    return spec.default_activation if requested == "auto" else requested
+
+
+def check_combination(loss: str, requested: str, from_logits: bool) -> None:
+    """Raise ParamError for an output activation / logits setting that makes no sense for `loss`."""
+    spec = LOSSES[loss]
+    if from_logits and not spec.from_logits:
+        ok = ", ".join(n for n, s in LOSSES.items() if s.from_logits)
+        raise ParamError("train.from_logits", f"'{loss}' cannot train on logits; losses that can: {ok}")
+    if from_logits and requested not in ("auto", "linear"):
+        raise ParamError(
+            "model.output_activation",
+            f"'{requested}' with train.from_logits: true; on logits the output layer is linear "
+            "(use auto or linear)",
+        )
+    if not from_logits and requested != "auto" and requested not in spec.activations:
+        hint = " (or linear with train.from_logits: true)" if spec.from_logits else ""
+        raise ParamError(
+            "model.output_activation",
+            f"'{requested}' does not fit loss '{loss}'; allowed: auto, {', '.join(spec.activations)}{hint}",
+        )
+
+
+def encode_labels(y: np.ndarray, spec: LossSpec) -> np.ndarray:
+    """Integer class ids as the loss expects them: int32 ids, or float32 one-hot rows."""
+    y = np.asarray(y)
+    if spec.labels == "sparse":
+        return y.astype(np.int32)
+    return np.eye(NUM_CLASSES, dtype=np.float32)[y]
+
+
+def to_probabilities(outputs: np.ndarray, spec: LossSpec, from_logits: bool) -> np.ndarray:
+    """Model outputs as the loss's probabilities: softmax/sigmoid applied when trained on logits."""
+    outputs = np.asarray(outputs, dtype=np.float64)
+    if not from_logits:
+        return outputs
+    if spec.default_activation == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-outputs))
+    shifted = np.exp(outputs - outputs.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def _accepted(cls: type, exclude: set[str]) -> dict[str, inspect.Parameter]:
+    """Keyword parameters of `cls.__init__`, without self/**kwargs/excluded names."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    return {
+        p.name: p
+        for p in params
+        if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name not in exclude
+    }
+
+
+def _check_kwargs(kwargs: Mapping[str, Any], accepted: dict[str, inspect.Parameter], key: str, what: str) -> None:
+    """Unknown keys and values whose type does not match the constructor's default."""
+    names = ", ".join(sorted(accepted))
+    for name, value in kwargs.items():
+        if name not in accepted:
+            raise ParamError(f"{key}.{name}", f"not a parameter of {what}; accepted: {names}")
+        default = accepted[name].default
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, (int, float)) or default is None:
+            ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+        elif isinstance(default, str):
+            ok = isinstance(value, str)
+        else:  # required or structured (lists for piecewise_constant): Keras checks it
+            ok = True
+        if not ok:
+            expected = type(default).__name__ if default is not None else "a number"
+            raise ParamError(f"{key}.{name}", f"expected {expected}, got {value!r} ({type(value).__name__})")
+
+
+def _construct(cls: type, kwargs: Mapping[str, Any], key: str, what: str) -> Any:
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ParamError(key, f"{what} rejected these settings: {exc}") from exc
+
+
+def make_loss(train: TrainParams) -> keras.losses.Loss:
+    """The Keras loss object for `train.loss`, `train.loss_args` and `train.from_logits`."""
+    import keras
+
+    spec = LOSSES[train.loss]
+    cls = type(keras.losses.get(spec.keras_class))
+    for name in train.loss_args:
+        if name in _RESERVED_LOSS_ARGS:
+            where = _RESERVED_LOSS_ARGS[name]
+            raise ParamError(f"train.loss_args.{name}", f"set {where} instead" if where else "cannot be set here")
+    _check_kwargs(train.loss_args, _accepted(cls, set(_RESERVED_LOSS_ARGS)), "train.loss_args", f"loss '{train.loss}'")
+    kwargs = dict(train.loss_args)
+    if spec.from_logits:
+        kwargs["from_logits"] = train.from_logits
+    return _construct(cls, kwargs, "train.loss_args", f"loss '{train.loss}'")
+
+
+def make_metrics(train: TrainParams) -> list[keras.metrics.Metric]:
+    """Top-1 `accuracy` for every loss, plus `binary_accuracy` for one-vs-rest losses."""
+    import keras
+
+    spec = LOSSES[train.loss]
+    if spec.labels == "sparse":
+        metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+    else:
+        metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
+    if spec.one_vs_rest:  # logits above 0 <=> probabilities above 0.5
+        metrics.append(keras.metrics.BinaryAccuracy(name="binary_accuracy", threshold=0.0 if train.from_logits else 0.5))
+    return metrics
+
+
+def make_optimizer(train: TrainParams) -> keras.optimizers.Optimizer:
+    """The optimizer `train.optimizer` names, with its keyword arguments and learning-rate schedule."""
+    import keras
+
+    opt = train.optimizer
+    cls = type(keras.optimizers.get(opt.name))
+    _check_kwargs(opt.kwargs, _accepted(cls, {"name"}), "train.optimizer", f"optimizer '{opt.name}'")
+    kwargs = dict(opt.kwargs)
+    if train.lr_schedule.name != "none":
+        kwargs["learning_rate"] = make_schedule(train)
+    return _construct(cls, kwargs, "train.optimizer", f"optimizer '{opt.name}'")
+
+
+def make_schedule(train: TrainParams) -> keras.optimizers.schedules.LearningRateSchedule:
+    """The `train.lr_schedule` object; its initial learning rate is the optimizer's."""
+    import keras
+
+    sched = train.lr_schedule
+    cls = getattr(keras.optimizers.schedules, LR_SCHEDULES[sched.name])
+    accepted = _accepted(cls, {"name"})
+    kwargs = dict(sched.kwargs)
+    if "initial_learning_rate" in accepted and "initial_learning_rate" not in kwargs:
+        kwargs["initial_learning_rate"] = train.optimizer.kwargs.get("learning_rate", 0.001)
+    _check_kwargs(kwargs, accepted, "train.lr_schedule", f"schedule '{sched.name}'")
+    return _construct(cls, kwargs, "train.lr_schedule", f"schedule '{sched.name}'")

@@ -1,0 +1,81 @@
+"""Stage `train`: data/normalized/dataset.npz -> models/model.keras, metrics/train/.
+
+Builds Flatten -> Dense(hidden_units, activation) [-> Dropout] -> Dense(10, output activation)
+from `model.*`, compiles it with the loss and optimizer from `train.*` (wired by the registry:
+label encoding, output activation, logits, metrics), and fits it with dvclive's
+`DVCLiveCallback`: per-epoch loss/accuracy curves (train and validation) and a summary with
+the final epoch, the best epoch and the training time. Seeded and deterministic on CPU.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+from dvclive import Live
+from dvclive.keras import DVCLiveCallback
+
+from stages.lib import atomic, datasets, errors, params, registry
+
+DATA = Path("data/normalized/dataset.npz")
+MODEL = Path("models/model.keras")
+LIVE_DIR = Path("metrics/train")
+
+
+def build_model(p: params.Params) -> keras.Sequential:
+    """The tutorial's MLP, sized and activated by params; the output layer fits the loss."""
+    layers: list[keras.layers.Layer] = [keras.Input(shape=(28, 28)), keras.layers.Flatten()]
+    for units in p.model.hidden_units:
+        layers.append(keras.layers.Dense(units, activation=p.model.activation))
+        if p.model.dropout > 0:
+            layers.append(keras.layers.Dropout(p.model.dropout))
+    spec = registry.LOSSES[p.train.loss]
+    activation = registry.output_activation(spec, p.model.output_activation, p.train.from_logits)
+    layers.append(keras.layers.Dense(registry.NUM_CLASSES, activation=activation))
+    return keras.Sequential(layers, name="mlp")
+
+
+def best_epoch(history: dict[str, list[float]], monitor: str) -> int:
+    """0-based epoch with the best `monitor` value (lowest loss, highest accuracy)."""
+    values = np.asarray(history[monitor] if monitor in history else history["loss"])
+    return int(values.argmax() if "accuracy" in monitor else values.argmin())
+
+
+def main() -> None:
+    p = params.load()
+    t = p.train
+    keras.utils.set_random_seed(t.seed)
+    tf.config.experimental.enable_op_determinism()
+    optimizer, loss, metrics = registry.make_optimizer(t), registry.make_loss(t), registry.make_metrics(t)
+
+    data = datasets.load_npz(DATA)
+    x, y = data["x_train"], registry.encode_labels(data["y_train"], registry.LOSSES[t.loss])
+    model = build_model(p)
+    model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
+
+    callbacks: list[keras.callbacks.Callback] = []
+    if t.early_stopping.enabled:
+        es = t.early_stopping
+        callbacks.append(keras.callbacks.EarlyStopping(monitor=es.monitor, patience=es.patience,
+                                                       min_delta=es.min_delta, restore_best_weights=es.restore_best_weights))  # fmt: skip
+
+    with atomic.target(LIVE_DIR) as live_dir, atomic.target(MODEL) as model_file:
+        with Live(str(live_dir), save_dvc_exp=False, dvcyaml=None) as live:
+            start = time.perf_counter()
+            history = model.fit(x, y, epochs=t.epochs, batch_size=t.batch_size, validation_split=t.validation_split,
+                                callbacks=[DVCLiveCallback(live=live), *callbacks], verbose="auto").history  # fmt: skip
+            seconds = time.perf_counter() - start
+            best = best_epoch(history, t.early_stopping.monitor if t.validation_split else "loss")
+            live.summary["epochs_run"] = len(history["loss"])
+            live.summary["best"] = {"epoch": best + 1, **{k: v[best] for k, v in history.items()}}
+            live.summary["train_time_s"] = round(seconds, 2)
+        model.save(model_file)
+
+    print(f"trained {len(history['loss'])} epochs in {seconds:.1f}s; best epoch {best + 1} -> {MODEL}")
+
+
+if __name__ == "__main__":
+    errors.run(main)
