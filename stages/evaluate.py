@@ -29,6 +29,8 @@ PLOTS_DIR = Path("metrics/eval")
 def main() -> None:
     p = params.load()
     spec = registry.LOSSES[p.train.loss]
+    if not MODEL.exists():
+        raise errors.StageError(f"{MODEL} not found; run the train stage first (dvc repro)")
     model = keras.saving.load_model(MODEL, safe_mode=True)
     data = datasets.load_npz(DATA)
     x, y_true = data["x_test"], data["y_test"].astype(int)
@@ -58,6 +60,7 @@ def main() -> None:
         with Live(str(plots_dir), save_dvc_exp=False, dvcyaml=None) as live:
             live.log_sklearn_plot("confusion_matrix", y_true, y_pred, name="confusion_matrix.json",
                                   title="Confusion matrix (test set)")  # fmt: skip
+        (plots_dir / "metrics.json").unlink(missing_ok=True)  # Live's empty summary; metrics go to eval.json
         normalize = None if p.evaluate.confusion_normalize == "none" else p.evaluate.confusion_normalize
         display = ConfusionMatrixDisplay.from_predictions(y_true, y_pred, normalize=normalize,
                                                           values_format=".2f" if normalize else "d", colorbar=False)  # fmt: skip

@@ -9,6 +9,7 @@ the final epoch, the best epoch and the training time. Seeded and deterministic 
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def main() -> None:
         with Live(str(live_dir), save_dvc_exp=False, dvcyaml=None) as live:
             start = time.perf_counter()
             history = model.fit(x, y, epochs=t.epochs, batch_size=t.batch_size, validation_split=t.validation_split,
-                                callbacks=[DVCLiveCallback(live=live), *callbacks], verbose="auto").history  # fmt: skip
+                                callbacks=[DVCLiveCallback(live=live), *callbacks], verbose=1 if sys.stdout.isatty() else 2).history  # fmt: skip
             seconds = time.perf_counter() - start
             best = best_epoch(history, t.early_stopping.monitor if t.validation_split else "loss")
             live.summary["epochs_run"] = len(history["loss"])

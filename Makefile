@@ -1,0 +1,47 @@
+# make repro : set up .venv from requirements.lock, then run the pipeline (dvc repro)
+# make test  : set up .venv, then run the test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-lock
+# The stages run as `python -m stages.<name>`: put the venv first on PATH for dvc.
+RUN    := PATH="$(CURDIR)/$(BIN):$$PATH"
+
+.PHONY: setup repro test lint sweep compare lock clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): requirements.lock
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	@touch $@
+
+repro: setup
+	$(RUN) $(BIN)/dvc repro
+
+test: setup
+	$(RUN) $(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# The loss x optimizer grid on the bundled sample: queue, run one at a time, then report.
+LOSSES     ?= sparse_categorical_crossentropy,categorical_crossentropy,binary_crossentropy,categorical_focal_crossentropy,kl_divergence,categorical_hinge,mean_squared_error
+OPTIMIZERS ?= adam,sgd,rmsprop
+sweep: setup
+	$(RUN) $(BIN)/dvc exp run --queue -S "train.loss=$(LOSSES)" -S "train.optimizer.name=$(OPTIMIZERS)"
+	$(RUN) $(BIN)/dvc queue start --jobs 1
+	$(RUN) $(BIN)/python -m stages.report --wait
+
+compare: setup
+	$(RUN) $(BIN)/python -m stages.report
+
+# Re-pin every dependency after changing pyproject.toml's list.
+lock:
+	rm -rf /tmp/lock-venv && $(PYTHON) -m venv /tmp/lock-venv
+	/tmp/lock-venv/bin/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	/tmp/lock-venv/bin/pip freeze --exclude-editable > requirements.lock
+
+clean-venv:
+	rm -rf $(VENV)
