@@ -15,6 +15,7 @@ constructor's signature.
 from __future__ import annotations
 
 import inspect
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -61,8 +62,8 @@ LOSSES: dict[str, LossSpec] = {
     "mean_squared_error": LossSpec("MeanSquaredError", "onehot", ("softmax", "sigmoid", "linear"), False),
 }
 
-# Every optimizer Keras ships as a plain class (wrappers such as LossScaleOptimizer excluded);
-# tests/test_registry.py checks this list against `keras.optimizers`.
+# Every optimizer class in `keras.optimizers`, less the base class and the wrappers that take
+# other optimizers (LossScaleOptimizer, MultiOptimizer); tests/test_registry.py checks this.
 OPTIMIZERS: tuple[str, ...] = (
     "adadelta", "adafactor", "adagrad", "adam", "adamax", "adamw", "ftrl",
     "lamb", "lion", "muon", "nadam", "rmsprop", "schedulefreeadamw", "sgd",
@@ -176,7 +177,7 @@ def make_loss(train: TrainParams) -> keras.losses.Loss:
     import keras
 
     spec = LOSSES[train.loss]
-    cls = type(keras.losses.get(spec.keras_class))
+    cls = getattr(keras.losses, spec.keras_class)
     for name in train.loss_args:
         if name in _RESERVED_LOSS_ARGS:
             where = _RESERVED_LOSS_ARGS[name]
@@ -202,12 +203,21 @@ def make_metrics(train: TrainParams) -> list[keras.metrics.Metric]:
     return metrics
 
 
+def optimizer_classes(keras: types.ModuleType) -> dict[str, type]:
+    """Every optimizer class in `keras.optimizers`, by lower-case name (`adamw` -> AdamW)."""
+    return {
+        name.lower(): cls
+        for name, cls in vars(keras.optimizers).items()
+        if inspect.isclass(cls) and issubclass(cls, keras.optimizers.Optimizer) and name.lower() in OPTIMIZERS
+    }
+
+
 def make_optimizer(train: TrainParams) -> keras.optimizers.Optimizer:
     """The optimizer `train.optimizer` names, with its keyword arguments and learning-rate schedule."""
     import keras
 
     opt = train.optimizer
-    cls = type(keras.optimizers.get(opt.name))
+    cls = optimizer_classes(keras)[opt.name]
     _check_kwargs(opt.kwargs, _accepted(cls, {"name"}), "train.optimizer", f"optimizer '{opt.name}'")
     kwargs = dict(opt.kwargs)
     if train.lr_schedule.name != "none":

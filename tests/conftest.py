@@ -1,0 +1,78 @@
+"""Shared fixtures: the project root, a small slice of the real bundled MNIST sample, stage runners."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+# Tests run stages in subprocesses; they must find the venv's python and dvc first, and a git
+# identity, since a fresh machine has none.
+ENV = {
+    **os.environ,
+    "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    "PYTHONPATH": "",
+    "GIT_AUTHOR_NAME": "pipeline tests",
+    "GIT_AUTHOR_EMAIL": "tests@example.invalid",
+    "GIT_COMMITTER_NAME": "pipeline tests",
+    "GIT_COMMITTER_EMAIL": "tests@example.invalid",
+    "DVC_NO_ANALYTICS": "1",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+}
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run a command with the test environment; on an unexpected exit show its output."""
+    proc = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def write_params(project: Path, overrides: dict) -> dict:
+    """params.yaml of the project with `overrides` merged in, section by section (one level deep)."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in overrides.items():
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(params[section].get(key), dict):
+                params[section][key] = {**params[section][key], **value}
+            else:
+                params[section][key] = value
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return params
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A scratch copy of the stage code and params.yaml, for running stages as a user would."""
+    shutil.copytree(ROOT / "stages", tmp_path / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def sample() -> dict[str, np.ndarray]:
+    """The real bundled MNIST sample (uint8 Keras layout), read once per session."""
+    from stages.lib import datasets, params
+
+    return datasets.download(params.DataParams())
+
+
+@pytest.fixture(scope="session")
+def small(sample: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """1,000 train and 300 test real digits scaled to [0, 1]: enough to learn, quick to fit."""
+    return {
+        "x_train": sample["x_train"][:1000].astype(np.float32) / 255,
+        "y_train": sample["y_train"][:1000],
+        "x_test": sample["x_test"][:300].astype(np.float32) / 255,
+        "y_test": sample["y_test"][:300],
+    }

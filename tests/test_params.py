@@ -1,0 +1,135 @@
+"""The params schema: defaults, and one clear error for each class of bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.lib import params
+from stages.lib.errors import ParamError
+from tests.conftest import ROOT, VENV_BIN, run, write_params
+
+
+def parse_error(raw: dict) -> ParamError:
+    with pytest.raises(ParamError) as info:
+        params.parse(raw)
+    return info.value
+
+
+def test_committed_params_file_is_valid_and_matches_the_schema_defaults() -> None:
+    loaded = params.load(ROOT / "params.yaml")
+    assert loaded == params.Params()
+    assert loaded.train.loss == "sparse_categorical_crossentropy"
+    assert loaded.train.optimizer.name == "adam"
+    assert loaded.train.optimizer.kwargs == {"learning_rate": 0.001}
+    assert (loaded.model.hidden_units, loaded.train.epochs, loaded.train.batch_size) == ([128], 10, 32)
+
+
+def test_every_schema_key_is_spelled_out_in_params_yaml() -> None:
+    """Nothing hidden: each section of params.yaml names every key the schema knows."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section in ("data", "normalize", "model", "train", "evaluate"):
+        schema = type(getattr(params.Params(), section))
+        assert set(raw[section]) == {f.name for f in params.dataclasses.fields(schema)}, section
+
+
+@pytest.mark.parametrize(
+    ("raw", "key", "fragment"),
+    [
+        ({"train": {"epoch": 3}}, "train.epoch", "did you mean 'epochs'"),
+        ({"trian": {}}, "trian", "did you mean 'train'"),
+        ({"train": {"early_stopping": {"patiense": 2}}}, "train.early_stopping.patiense", "did you mean 'patience'"),
+        ({"train": {"epochs": "ten"}}, "train.epochs", "expected an integer"),
+        ({"train": {"epochs": 2.5}}, "train.epochs", "expected an integer"),
+        ({"train": {"from_logits": "yes"}}, "train.from_logits", "expected true or false"),
+        ({"model": {"hidden_units": 128}}, "model.hidden_units", "expected a list"),
+        ({"train": {"optimizer": "adam"}}, "train.optimizer", "mapping with a 'name'"),
+        ({"train": {"epochs": 0}}, "train.epochs", "must be >= 1"),
+        ({"train": {"batch_size": -1}}, "train.batch_size", "must be >= 1"),
+        ({"train": {"validation_split": 1.0}}, "train.validation_split", "must be < 1"),
+        ({"model": {"dropout": 1.5}}, "model.dropout", "must be < 1"),
+        ({"model": {"hidden_units": [64, 0]}}, "model.hidden_units[1]", "must be >= 1"),
+        ({"data": {"test_fraction": 0}}, "data.test_fraction", "must be > 0"),
+        ({"train": {"optimizer": {"name": "adam", "learning_rate": 0}}}, "train.optimizer.learning_rate", "> 0"),
+        ({"train": {"optimizer": {"name": "adam", "learning_rate": -1e-3}}}, "train.optimizer.learning_rate", "> 0"),
+        ({"data": {"source": "cifar10"}}, "data.source", "mnist_sample, mnist, fashion_mnist"),
+        ({"normalize": {"method": "minmax"}}, "normalize.method", "scale, standardize"),
+        ({"train": {"loss": "binary_crossentropyy"}}, "train.loss", "did you mean 'binary_crossentropy'"),
+        ({"train": {"loss": "hinge"}}, "train.loss", "sparse_categorical_crossentropy"),
+        ({"train": {"optimizer": {"name": "adamm"}}}, "train.optimizer.name", "did you mean 'adam'"),
+        ({"train": {"lr_schedule": {"name": "cosine"}}}, "train.lr_schedule.name", "cosine_decay"),
+        ({"train": {"lr_schedule": {"name": "none", "decay_steps": 5}}}, "train.lr_schedule", "name is 'none'"),
+        ({"model": {"activation": "rellu"}}, "model.activation", "did you mean 'relu'"),
+        ({"data": {"url": "ftp://example/mnist.npz"}}, "data.url", "http://, https:// or file://"),
+        ({"data": {"sha256": "abc"}}, "data.sha256", "64 lowercase hex"),
+    ],
+)
+def test_bad_values_name_the_dotted_key_and_what_is_allowed(raw: dict, key: str, fragment: str) -> None:
+    error = parse_error(raw)
+    assert error.key == key
+    assert fragment in str(error)
+    assert str(error).startswith(f"params.yaml: {key}: ")
+
+
+@pytest.mark.parametrize(
+    ("raw", "key", "fragment"),
+    [
+        # the tutorial's pitfall, made explicit: probabilities from softmax do not suit one-vs-rest BCE
+        ({"train": {"loss": "binary_crossentropy"}, "model": {"output_activation": "softmax"}},
+         "model.output_activation", "allowed: auto, sigmoid"),
+        # hinge targets are +-1 margins: a softmax output can never reach them
+        ({"train": {"loss": "categorical_hinge"}, "model": {"output_activation": "softmax"}},
+         "model.output_activation", "allowed: auto, linear, tanh"),
+        # a linear output with a probability loss and no from_logits
+        ({"model": {"output_activation": "linear"}}, "model.output_activation", "from_logits: true"),
+        ({"train": {"loss": "poisson", "from_logits": True}}, "train.from_logits", "cannot train on logits"),
+        ({"train": {"from_logits": True}, "model": {"output_activation": "softmax"}},
+         "model.output_activation", "on logits the output layer is linear"),
+        ({"train": {"validation_split": 0, "early_stopping": {"enabled": True, "monitor": "val_loss"}}},
+         "train.early_stopping.monitor", "needs validation data"),
+    ],
+)  # fmt: skip
+def test_incompatible_combinations_are_rejected(raw: dict, key: str, fragment: str) -> None:
+    error = parse_error(raw)
+    assert (error.key, fragment in str(error)) == (key, True), str(error)
+
+
+def test_good_combinations_and_yaml_11_exponents_are_accepted() -> None:
+    p = params.parse(
+        {
+            "train": {"loss": "binary_crossentropy", "from_logits": True, "optimizer": {"name": "sgd", "learning_rate": "1e-2", "momentum": 0.9}},
+            "model": {"output_activation": "linear"},
+        }
+    )  # fmt: skip
+    assert p.train.optimizer.kwargs == {"learning_rate": 0.01, "momentum": 0.9}
+    assert params.parse({"train": {"loss": "categorical_hinge"}, "model": {"output_activation": "tanh"}})
+    assert params.parse({"data": {"source": "fashion_mnist", "sha256": {"t10k-labels-idx1-ubyte.gz": "0" * 64}}})
+
+
+def test_a_stage_with_bad_params_exits_non_zero_with_one_line_and_writes_nothing(project: Path) -> None:
+    """download does not read train.*, but the whole file is validated before any stage works."""
+    write_params(project, {"train": {"epochs": 0}})
+    proc = run([str(VENV_BIN / "python"), "-m", "stages.download"], project, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: params.yaml: train.epochs: must be >= 1, got 0"
+    assert not (project / "data").exists()
+
+
+def test_train_rejects_an_unknown_optimizer_argument_before_reading_data(project: Path) -> None:
+    write_params(project, {"train": {"optimizer": {"name": "sgd", "momentun": 0.9}}})
+    proc = run([str(VENV_BIN / "python"), "-m", "stages.train"], project, check=False)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: params.yaml: train.optimizer.momentun: not a parameter of optimizer 'sgd'")
+    assert "momentum" in last and "nesterov" in last  # the accepted keys are listed
+    assert "Traceback" not in proc.stderr
+    assert not (project / "models").exists() and not (project / "metrics").exists()
+
+
+def test_params_yaml_that_is_not_yaml_is_one_clear_error(project: Path) -> None:
+    (project / "params.yaml").write_text("train: [unclosed\n")
+    proc = run([str(VENV_BIN / "python"), "-m", "stages.normalize"], project, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: params.yaml: (file): not valid YAML")

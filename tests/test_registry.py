@@ -1,0 +1,160 @@
+"""The loss / optimizer registry against real Keras: every loss trains, every optimizer builds."""
+
+from __future__ import annotations
+
+import inspect
+
+import keras
+import numpy as np
+import pytest
+from sklearn.metrics import accuracy_score
+
+from stages import train as train_stage
+from stages.lib import params, registry
+from stages.lib.errors import ParamError
+
+
+def make(raw_train: dict, raw_model: dict | None = None) -> params.Params:
+    return params.parse({"train": raw_train, "model": raw_model or {}})
+
+
+def fit_one_epoch(p: params.Params, data: dict[str, np.ndarray]) -> tuple[keras.Model, dict[str, float], np.ndarray]:
+    """Train one epoch as the train stage does; return the model, Keras' test scores, predicted classes."""
+    keras.utils.set_random_seed(p.train.seed)
+    spec = registry.LOSSES[p.train.loss]
+    model = train_stage.build_model(p)
+    model.compile(optimizer=registry.make_optimizer(p.train), loss=registry.make_loss(p.train),
+                  metrics=registry.make_metrics(p.train))  # fmt: skip
+    model.fit(data["x_train"], registry.encode_labels(data["y_train"], spec), epochs=1, batch_size=32, verbose=0)
+    scores = model.evaluate(data["x_test"], registry.encode_labels(data["y_test"], spec), verbose=0, return_dict=True)
+    outputs = registry.to_probabilities(model.predict(data["x_test"], verbose=0), spec, p.train.from_logits)
+    return model, scores, outputs.argmax(axis=1)
+
+
+CASES = [(name, False) for name in registry.LOSSES] + [
+    (name, True) for name, spec in registry.LOSSES.items() if spec.from_logits
+]
+
+
+@pytest.mark.parametrize(("loss", "from_logits"), CASES)
+def test_every_loss_trains_and_keras_accuracy_is_top1_accuracy(loss: str, from_logits: bool, small: dict) -> None:
+    p = make({"loss": loss, "from_logits": from_logits})
+    model, scores, predicted = fit_one_epoch(p, small)
+    assert np.isfinite(scores["loss"])
+    sklearn_accuracy = accuracy_score(small["y_test"], predicted)
+    assert scores["accuracy"] == pytest.approx(sklearn_accuracy, abs=1e-6)
+    assert sklearn_accuracy > 0.2  # one epoch on 1,000 real digits learns something (chance is 0.1)
+    expected = "linear" if from_logits else registry.LOSSES[loss].default_activation
+    assert model.layers[-1].activation.__name__ == expected
+
+
+def test_one_vs_rest_losses_report_binary_accuracy_under_its_own_name(small: dict) -> None:
+    p = make({"loss": "binary_crossentropy"})
+    _, scores, predicted = fit_one_epoch(p, small)
+    # binary accuracy counts 10 yes/no answers per image, 9 of them "no": it flatters the model
+    assert scores["binary_accuracy"] > scores["accuracy"]
+    assert scores["accuracy"] == pytest.approx(accuracy_score(small["y_test"], predicted), abs=1e-6)
+
+
+def test_keras_binary_crossentropy_is_the_tutorials_formula() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, (64, 10)).astype(np.float32)
+    p = rng.uniform(0.01, 0.99, (64, 10)).astype(np.float32)
+    formula = -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))
+    keras_value = float(keras.losses.BinaryCrossentropy()(y, p))
+    assert keras_value == pytest.approx(formula, rel=1e-5)
+    logits = np.log(p / (1 - p))
+    assert float(keras.losses.BinaryCrossentropy(from_logits=True)(y, logits)) == pytest.approx(formula, rel=1e-4)
+
+
+def test_the_tutorials_example_crashes_in_plain_keras_3_and_runs_through_the_registry(small: dict) -> None:
+    model = keras.Sequential([keras.Input((28, 28)), keras.layers.Flatten(), keras.layers.Dense(128, activation="relu"),
+                              keras.layers.Dense(10, activation="sigmoid")])  # fmt: skip
+    model.compile(optimizer="adam", loss="binary_crossentropy", metrics=["accuracy"])
+    with pytest.raises(ValueError, match="must have the same rank"):
+        model.fit(small["x_train"][:64], small["y_train"][:64], epochs=1, verbose=0)
+    _, scores, _ = fit_one_epoch(make({"loss": "binary_crossentropy"}), small)
+    assert np.isfinite(scores["loss"])
+
+
+def test_the_optimizer_list_is_every_optimizer_keras_ships() -> None:
+    wrappers = {"optimizer", "lossscaleoptimizer", "multioptimizer"}
+    shipped = {
+        name.lower()
+        for name, cls in vars(keras.optimizers).items()
+        if inspect.isclass(cls) and issubclass(cls, keras.optimizers.Optimizer)
+    }
+    assert set(registry.OPTIMIZERS) == shipped - wrappers
+
+
+@pytest.mark.parametrize("name", registry.OPTIMIZERS)
+def test_every_optimizer_builds_with_its_params_and_takes_a_step(name: str, small: dict) -> None:
+    p = make({"optimizer": {"name": name, "learning_rate": 0.01}})
+    optimizer = registry.make_optimizer(p.train)
+    assert type(optimizer).__name__.lower() == name
+    assert float(optimizer.learning_rate) == pytest.approx(0.01)
+    data = {k: v[:64] for k, v in small.items()}
+    _, scores, _ = fit_one_epoch(p, data)
+    assert np.isfinite(scores["loss"])
+
+
+def test_optimizer_arguments_reach_the_constructor() -> None:
+    opt = registry.make_optimizer(make({"optimizer": {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9,
+                                                      "nesterov": True, "clipnorm": 1.0}}).train)  # fmt: skip
+    assert (opt.momentum, opt.nesterov, opt.clipnorm) == (0.9, True, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "key", "fragment"),
+    [
+        ({"name": "adam", "momentum": 0.9}, "train.optimizer.momentum", "accepted: amsgrad, beta_1, beta_2"),
+        ({"name": "sgd", "nesterov": "yes"}, "train.optimizer.nesterov", "expected bool"),
+        ({"name": "sgd", "momentum": "high"}, "train.optimizer.momentum", "expected float"),
+        ({"name": "sgd", "momentum": 2.0}, "train.optimizer", "optimizer 'sgd' rejected these settings"),
+    ],
+)
+def test_bad_optimizer_arguments_name_the_key_and_the_accepted_ones(optimizer: dict, key: str, fragment: str) -> None:
+    with pytest.raises(ParamError) as info:
+        registry.make_optimizer(make({"optimizer": optimizer}).train)
+    assert info.value.key == key and fragment in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        {"name": "exponential_decay", "decay_steps": 100, "decay_rate": 0.9},
+        {"name": "cosine_decay", "decay_steps": 1000},
+        {"name": "cosine_decay_restarts", "first_decay_steps": 100},
+        {"name": "inverse_time_decay", "decay_steps": 100, "decay_rate": 0.5},
+        {"name": "piecewise_constant", "boundaries": [100, 200], "values": [0.01, 0.005, 0.001]},
+        {"name": "polynomial_decay", "decay_steps": 1000},
+    ],
+)
+def test_every_learning_rate_schedule_builds_from_params(schedule: dict) -> None:
+    p = make({"optimizer": {"name": "adam", "learning_rate": 0.01}, "lr_schedule": schedule})
+    opt = registry.make_optimizer(p.train)
+    assert isinstance(opt._learning_rate, keras.optimizers.schedules.LearningRateSchedule)
+    first = float(opt._learning_rate(0))
+    assert first == pytest.approx(0.01)
+    assert float(opt._learning_rate(500)) < first
+
+
+def test_bad_schedule_arguments_are_clear() -> None:
+    with pytest.raises(ParamError, match="train.lr_schedule.decay_step: not a parameter of schedule 'cosine_decay'"):
+        registry.make_optimizer(make({"lr_schedule": {"name": "cosine_decay", "decay_step": 10}}).train)
+    with pytest.raises(ParamError, match="schedule 'exponential_decay' rejected these settings"):
+        registry.make_optimizer(make({"lr_schedule": {"name": "exponential_decay"}}).train)
+
+
+def test_loss_arguments_are_checked_against_the_loss() -> None:
+    loss = registry.make_loss(make({"loss": "categorical_crossentropy", "loss_args": {"label_smoothing": 0.1}}).train)
+    assert loss.label_smoothing == 0.1
+    with pytest.raises(ParamError, match="train.loss_args.label_smoothing: not a parameter of loss 'kl_divergence'"):
+        registry.make_loss(make({"loss": "kl_divergence", "loss_args": {"label_smoothing": 0.1}}).train)
+    with pytest.raises(ParamError, match="train.loss_args.from_logits: set train.from_logits instead"):
+        registry.make_loss(make({"loss_args": {"from_logits": True}}).train)
+
+
+@pytest.mark.parametrize("activation", registry.HIDDEN_ACTIVATIONS + registry.OUTPUT_ACTIVATIONS)
+def test_every_allowed_activation_exists_in_keras(activation: str) -> None:
+    assert callable(keras.activations.get(activation))
