@@ -27,15 +27,16 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 # The loss x optimizer grid on the bundled sample: queue, run one at a time, then report.
-LOSSES     ?= sparse_categorical_crossentropy,categorical_crossentropy,binary_crossentropy,categorical_focal_crossentropy,kl_divergence,categorical_hinge,mean_squared_error
+# Override either list: make sweep LOSSES=binary_crossentropy,poisson OPTIMIZERS=adam,sgd
+LOSSES     ?= sparse_categorical_crossentropy,categorical_crossentropy,binary_crossentropy,categorical_focal_crossentropy,binary_focal_crossentropy,kl_divergence,poisson,categorical_hinge,squared_hinge,mean_squared_error
 OPTIMIZERS ?= adam,sgd,rmsprop
 sweep: setup
 	$(RUN) $(BIN)/dvc exp run --queue -S "train.loss=$(LOSSES)" -S "train.optimizer.name=$(OPTIMIZERS)"
-	$(RUN) $(BIN)/dvc queue start --jobs 1
-	$(RUN) $(BIN)/python -m stages.report --wait
+	$(RUN) $(BIN)/dvc exp run --run-all
+	$(RUN) $(BIN)/python -m stages.report --readme README.md
 
 compare: setup
-	$(RUN) $(BIN)/python -m stages.report
+	$(RUN) $(BIN)/python -m stages.report --readme README.md
 
 # Re-pin every dependency after changing pyproject.toml's list.
 lock:

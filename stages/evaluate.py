@@ -14,11 +14,11 @@ import keras
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from dvclive import Live  # noqa: E402
-from sklearn.metrics import ConfusionMatrixDisplay, accuracy_score, f1_score, precision_recall_fscore_support  # noqa: E402
+import matplotlib.pyplot as plt
+from dvclive import Live
+from sklearn.metrics import ConfusionMatrixDisplay, accuracy_score, f1_score, precision_recall_fscore_support
 
-from stages.lib import atomic, datasets, errors, params, registry  # noqa: E402
+from stages.lib import atomic, datasets, errors, params, registry
 
 DATA = Path("data/normalized/dataset.npz")
 MODEL = Path("models/model.keras")
@@ -35,10 +35,12 @@ def main() -> None:
     data = datasets.load_npz(DATA)
     x, y_true = data["x_test"], data["y_test"].astype(int)
 
-    keras_scores = model.evaluate(x, registry.encode_labels(y_true, spec), batch_size=p.evaluate.batch_size,
-                                  return_dict=True, verbose=0)  # fmt: skip
-    probabilities = registry.to_probabilities(model.predict(x, batch_size=p.evaluate.batch_size, verbose=0),
-                                              spec, p.train.from_logits)  # fmt: skip
+    keras_scores = model.evaluate(
+        x, registry.encode_labels(y_true, spec), batch_size=p.evaluate.batch_size, return_dict=True, verbose=0
+    )
+    probabilities = registry.to_probabilities(
+        model.predict(x, batch_size=p.evaluate.batch_size, verbose=0), spec, p.train.from_logits
+    )
     y_pred = probabilities.argmax(axis=1)
 
     precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, average="macro", zero_division=0)
@@ -58,12 +60,14 @@ def main() -> None:
 
     with atomic.target(PLOTS_DIR) as plots_dir:
         with Live(str(plots_dir), save_dvc_exp=False, dvcyaml=None) as live:
-            live.log_sklearn_plot("confusion_matrix", y_true, y_pred, name="confusion_matrix.json",
-                                  title="Confusion matrix (test set)")  # fmt: skip
+            live.log_sklearn_plot(
+                "confusion_matrix", y_true, y_pred, name="confusion_matrix.json", title="Confusion matrix (test set)"
+            )
         (plots_dir / "metrics.json").unlink(missing_ok=True)  # Live's empty summary; metrics go to eval.json
         normalize = None if p.evaluate.confusion_normalize == "none" else p.evaluate.confusion_normalize
-        display = ConfusionMatrixDisplay.from_predictions(y_true, y_pred, normalize=normalize,
-                                                          values_format=".2f" if normalize else "d", colorbar=False)  # fmt: skip
+        display = ConfusionMatrixDisplay.from_predictions(
+            y_true, y_pred, normalize=normalize, values_format=".2f" if normalize else "d", colorbar=False
+        )
         display.ax_.set_title(f"{p.train.loss} + {p.train.optimizer.name}: accuracy {metrics['accuracy']:.4f}")
         display.figure_.savefig(plots_dir / "confusion_matrix.png", dpi=100, bbox_inches="tight")
         plt.close(display.figure_)

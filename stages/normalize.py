@@ -28,7 +28,7 @@ def statistics(x_train: np.ndarray, method: str) -> dict[str, float | str]:
 
 def apply(x: np.ndarray, stats: dict[str, float | str]) -> np.ndarray:
     """Normalize uint8 images with `stats` (as written to stats.json) to float32."""
-    return ((x.astype(np.float32) / np.float32(255.0) - np.float32(stats["mean"])) / np.float32(stats["std"]))
+    return (x.astype(np.float32) / np.float32(255.0) - np.float32(stats["mean"])) / np.float32(stats["std"])
 
 
 def main() -> None:

@@ -60,14 +60,27 @@ def main() -> None:
     callbacks: list[keras.callbacks.Callback] = []
     if t.early_stopping.enabled:
         es = t.early_stopping
-        callbacks.append(keras.callbacks.EarlyStopping(monitor=es.monitor, patience=es.patience,
-                                                       min_delta=es.min_delta, restore_best_weights=es.restore_best_weights))  # fmt: skip
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor=es.monitor,
+                patience=es.patience,
+                min_delta=es.min_delta,
+                restore_best_weights=es.restore_best_weights,
+            )
+        )
 
     with atomic.target(LIVE_DIR) as live_dir, atomic.target(MODEL) as model_file:
         with Live(str(live_dir), save_dvc_exp=False, dvcyaml=None) as live:
             start = time.perf_counter()
-            history = model.fit(x, y, epochs=t.epochs, batch_size=t.batch_size, validation_split=t.validation_split,
-                                callbacks=[DVCLiveCallback(live=live), *callbacks], verbose=1 if sys.stdout.isatty() else 2).history  # fmt: skip
+            history = model.fit(
+                x,
+                y,
+                epochs=t.epochs,
+                batch_size=t.batch_size,
+                validation_split=t.validation_split,
+                callbacks=[DVCLiveCallback(live=live), *callbacks],
+                verbose=1 if sys.stdout.isatty() else 2,
+            ).history
             seconds = time.perf_counter() - start
             best = best_epoch(history, t.early_stopping.monitor if t.validation_split else "loss")
             live.summary["epochs_run"] = len(history["loss"])

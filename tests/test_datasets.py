@@ -142,7 +142,7 @@ def test_a_file_that_matches_its_checksum_but_is_not_a_dataset_is_rejected(serve
         (lambda d: d.update(y_train=d["y_train"] % 9), "classes [9] have no training examples"),
     ],
 )
-def test_validation_catches_mismatching_data(change, fragment: str) -> None:  # noqa: ANN001
+def test_validation_catches_mismatching_data(change, fragment: str) -> None:
     data = keras_npz()
     change(data)
     with pytest.raises(DataError) as info:
@@ -158,9 +158,11 @@ def test_official_sources_must_have_their_official_sizes() -> None:
 def test_fashion_mnist_idx_files_from_a_folder_url(server: Server) -> None:
     arrays = keras_npz(seed=3)
     names = {
-        "train-images-idx3-ubyte.gz": arrays["x_train"], "train-labels-idx1-ubyte.gz": arrays["y_train"],
-        "t10k-images-idx3-ubyte.gz": arrays["x_test"], "t10k-labels-idx1-ubyte.gz": arrays["y_test"],
-    }  # fmt: skip
+        "train-images-idx3-ubyte.gz": arrays["x_train"],
+        "train-labels-idx1-ubyte.gz": arrays["y_train"],
+        "t10k-images-idx3-ubyte.gz": arrays["x_test"],
+        "t10k-labels-idx1-ubyte.gz": arrays["y_test"],
+    }
     sums = {}
     for name, array in names.items():
         server.files[f"/mirror/{name}"] = body = idx_gz(array)

@@ -77,20 +77,32 @@ def test_bad_values_name_the_dotted_key_and_what_is_allowed(raw: dict, key: str,
     ("raw", "key", "fragment"),
     [
         # the tutorial's pitfall, made explicit: probabilities from softmax do not suit one-vs-rest BCE
-        ({"train": {"loss": "binary_crossentropy"}, "model": {"output_activation": "softmax"}},
-         "model.output_activation", "allowed: auto, sigmoid"),
+        (
+            {"train": {"loss": "binary_crossentropy"}, "model": {"output_activation": "softmax"}},
+            "model.output_activation",
+            "allowed: auto, sigmoid",
+        ),
         # hinge targets are +-1 margins: a softmax output can never reach them
-        ({"train": {"loss": "categorical_hinge"}, "model": {"output_activation": "softmax"}},
-         "model.output_activation", "allowed: auto, linear, tanh"),
+        (
+            {"train": {"loss": "categorical_hinge"}, "model": {"output_activation": "softmax"}},
+            "model.output_activation",
+            "allowed: auto, linear, tanh",
+        ),
         # a linear output with a probability loss and no from_logits
         ({"model": {"output_activation": "linear"}}, "model.output_activation", "from_logits: true"),
         ({"train": {"loss": "poisson", "from_logits": True}}, "train.from_logits", "cannot train on logits"),
-        ({"train": {"from_logits": True}, "model": {"output_activation": "softmax"}},
-         "model.output_activation", "on logits the output layer is linear"),
-        ({"train": {"validation_split": 0, "early_stopping": {"enabled": True, "monitor": "val_loss"}}},
-         "train.early_stopping.monitor", "needs validation data"),
+        (
+            {"train": {"from_logits": True}, "model": {"output_activation": "softmax"}},
+            "model.output_activation",
+            "on logits the output layer is linear",
+        ),
+        (
+            {"train": {"validation_split": 0, "early_stopping": {"enabled": True, "monitor": "val_loss"}}},
+            "train.early_stopping.monitor",
+            "needs validation data",
+        ),
     ],
-)  # fmt: skip
+)
 def test_incompatible_combinations_are_rejected(raw: dict, key: str, fragment: str) -> None:
     error = parse_error(raw)
     assert (error.key, fragment in str(error)) == (key, True), str(error)
@@ -99,10 +111,14 @@ def test_incompatible_combinations_are_rejected(raw: dict, key: str, fragment: s
 def test_good_combinations_and_yaml_11_exponents_are_accepted() -> None:
     p = params.parse(
         {
-            "train": {"loss": "binary_crossentropy", "from_logits": True, "optimizer": {"name": "sgd", "learning_rate": "1e-2", "momentum": 0.9}},
+            "train": {
+                "loss": "binary_crossentropy",
+                "from_logits": True,
+                "optimizer": {"name": "sgd", "learning_rate": "1e-2", "momentum": 0.9},
+            },
             "model": {"output_activation": "linear"},
         }
-    )  # fmt: skip
+    )
     assert p.train.optimizer.kwargs == {"learning_rate": 0.01, "momentum": 0.9}
     assert params.parse({"train": {"loss": "categorical_hinge"}, "model": {"output_activation": "tanh"}})
     assert params.parse({"data": {"source": "fashion_mnist", "sha256": {"t10k-labels-idx1-ubyte.gz": "0" * 64}}})

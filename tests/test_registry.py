@@ -23,8 +23,11 @@ def fit_one_epoch(p: params.Params, data: dict[str, np.ndarray]) -> tuple[keras.
     keras.utils.set_random_seed(p.train.seed)
     spec = registry.LOSSES[p.train.loss]
     model = train_stage.build_model(p)
-    model.compile(optimizer=registry.make_optimizer(p.train), loss=registry.make_loss(p.train),
-                  metrics=registry.make_metrics(p.train))  # fmt: skip
+    model.compile(
+        optimizer=registry.make_optimizer(p.train),
+        loss=registry.make_loss(p.train),
+        metrics=registry.make_metrics(p.train),
+    )
     model.fit(data["x_train"], registry.encode_labels(data["y_train"], spec), epochs=1, batch_size=32, verbose=0)
     scores = model.evaluate(data["x_test"], registry.encode_labels(data["y_test"], spec), verbose=0, return_dict=True)
     outputs = registry.to_probabilities(model.predict(data["x_test"], verbose=0), spec, p.train.from_logits)
@@ -68,8 +71,14 @@ def test_keras_binary_crossentropy_is_the_tutorials_formula() -> None:
 
 
 def test_the_tutorials_example_crashes_in_plain_keras_3_and_runs_through_the_registry(small: dict) -> None:
-    model = keras.Sequential([keras.Input((28, 28)), keras.layers.Flatten(), keras.layers.Dense(128, activation="relu"),
-                              keras.layers.Dense(10, activation="sigmoid")])  # fmt: skip
+    model = keras.Sequential(
+        [
+            keras.Input((28, 28)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(128, activation="relu"),
+            keras.layers.Dense(10, activation="sigmoid"),
+        ]
+    )
     model.compile(optimizer="adam", loss="binary_crossentropy", metrics=["accuracy"])
     with pytest.raises(ValueError, match="must have the same rank"):
         model.fit(small["x_train"][:64], small["y_train"][:64], epochs=1, verbose=0)
@@ -99,8 +108,11 @@ def test_every_optimizer_builds_with_its_params_and_takes_a_step(name: str, smal
 
 
 def test_optimizer_arguments_reach_the_constructor() -> None:
-    opt = registry.make_optimizer(make({"optimizer": {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9,
-                                                      "nesterov": True, "clipnorm": 1.0}}).train)  # fmt: skip
+    opt = registry.make_optimizer(
+        make(
+            {"optimizer": {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9, "nesterov": True, "clipnorm": 1.0}}
+        ).train
+    )
     assert (opt.momentum, opt.nesterov, opt.clipnorm) == (0.9, True, 1.0)
 
 

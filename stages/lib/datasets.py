@@ -170,8 +170,18 @@ def fetch(url: str, dest: Path, sha256: str, *, timeout: float = 60) -> None:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, atomic.target(dest) as tmp:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with open(tmp, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=dest.name,
-                                              file=sys.stderr, mininterval=0.5, leave=False) as bar:  # fmt: skip
+            with (
+                open(tmp, "wb") as out,
+                tqdm(
+                    total=total,
+                    unit="B",
+                    unit_scale=True,
+                    desc=dest.name,
+                    file=sys.stderr,
+                    mininterval=0.5,
+                    leave=False,
+                ) as bar,
+            ):
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
                     digest.update(chunk)

@@ -30,8 +30,9 @@ PARAMS_FILE = Path("params.yaml")
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
-def bounded(default: Any, *, ge: float | None = None, gt: float | None = None,
-            le: float | None = None, lt: float | None = None) -> Any:  # fmt: skip
+def bounded(
+    default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None
+) -> Any:
     """A dataclass field with a numeric range, checked by the loader."""
     return field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "lt": lt})
 
@@ -213,7 +214,12 @@ def _number(tp: type, value: Any, key: str) -> int | float:
     return tp(value)
 
 
-_COMPARISONS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le), "lt": ("<", operator.lt)}
+_COMPARISONS = {
+    "ge": (">=", operator.ge),
+    "gt": (">", operator.gt),
+    "le": ("<=", operator.le),
+    "lt": ("<", operator.lt),
+}
 
 
 def _check_range(value: float, key: str, limits: Mapping[str, Any]) -> None:

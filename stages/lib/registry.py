@@ -52,9 +52,7 @@ LOSSES: dict[str, LossSpec] = {
     "categorical_crossentropy": LossSpec("CategoricalCrossentropy", "onehot", ("softmax",), True),
     "binary_crossentropy": LossSpec("BinaryCrossentropy", "onehot", ("sigmoid",), True, one_vs_rest=True),
     "categorical_focal_crossentropy": LossSpec("CategoricalFocalCrossentropy", "onehot", ("softmax",), True),
-    "binary_focal_crossentropy": LossSpec(
-        "BinaryFocalCrossentropy", "onehot", ("sigmoid",), True, one_vs_rest=True
-    ),
+    "binary_focal_crossentropy": LossSpec("BinaryFocalCrossentropy", "onehot", ("sigmoid",), True, one_vs_rest=True),
     "kl_divergence": LossSpec("KLDivergence", "onehot", ("softmax",), False),
     "poisson": LossSpec("Poisson", "onehot", ("softmax", "sigmoid"), False),
     "categorical_hinge": LossSpec("CategoricalHinge", "onehot", ("linear", "tanh"), False),
@@ -65,9 +63,21 @@ LOSSES: dict[str, LossSpec] = {
 # Every optimizer class in `keras.optimizers`, less the base class and the wrappers that take
 # other optimizers (LossScaleOptimizer, MultiOptimizer); tests/test_registry.py checks this.
 OPTIMIZERS: tuple[str, ...] = (
-    "adadelta", "adafactor", "adagrad", "adam", "adamax", "adamw", "ftrl",
-    "lamb", "lion", "muon", "nadam", "rmsprop", "schedulefreeadamw", "sgd",
-)  # fmt: skip
+    "adadelta",
+    "adafactor",
+    "adagrad",
+    "adam",
+    "adamax",
+    "adamw",
+    "ftrl",
+    "lamb",
+    "lion",
+    "muon",
+    "nadam",
+    "rmsprop",
+    "schedulefreeadamw",
+    "sgd",
+)
 
 # `train.lr_schedule.name` -> class in keras.optimizers.schedules.
 LR_SCHEDULES: dict[str, str] = {
@@ -80,9 +90,19 @@ LR_SCHEDULES: dict[str, str] = {
 }
 
 HIDDEN_ACTIVATIONS: tuple[str, ...] = (
-    "relu", "elu", "selu", "gelu", "silu", "swish", "mish", "tanh",
-    "sigmoid", "softplus", "leaky_relu", "linear",
-)  # fmt: skip
+    "relu",
+    "elu",
+    "selu",
+    "gelu",
+    "silu",
+    "swish",
+    "mish",
+    "tanh",
+    "sigmoid",
+    "softplus",
+    "leaky_relu",
+    "linear",
+)
 OUTPUT_ACTIVATIONS: tuple[str, ...] = ("softmax", "sigmoid", "linear", "tanh")
 
 # Keyword arguments a user may not pass through `train.loss_args`: set elsewhere or meaningless.
@@ -105,8 +125,7 @@ def check_combination(loss: str, requested: str, from_logits: bool) -> None:
     if from_logits and requested not in ("auto", "linear"):
         raise ParamError(
             "model.output_activation",
-            f"'{requested}' with train.from_logits: true; on logits the output layer is linear "
-            "(use auto or linear)",
+            f"'{requested}' with train.from_logits: true; on logits the output layer is linear (use auto or linear)",
         )
     if not from_logits and requested != "auto" and requested not in spec.activations:
         hint = " (or linear with train.from_logits: true)" if spec.from_logits else ""
@@ -199,7 +218,9 @@ def make_metrics(train: TrainParams) -> list[keras.metrics.Metric]:
     else:
         metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
     if spec.one_vs_rest:  # logits above 0 <=> probabilities above 0.5
-        metrics.append(keras.metrics.BinaryAccuracy(name="binary_accuracy", threshold=0.0 if train.from_logits else 0.5))
+        metrics.append(
+            keras.metrics.BinaryAccuracy(name="binary_accuracy", threshold=0.0 if train.from_logits else 0.5)
+        )
     return metrics
 
 

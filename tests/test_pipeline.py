@@ -1,0 +1,211 @@
+"""End to end: the real `dvc` CLI on a copy of the project in a temporary git repository.
+
+Small settings (1 epoch) keep it quick; the tutorial comparison trains the real 10 epochs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from sklearn.metrics import accuracy_score
+
+from tests.conftest import ENV, ROOT, VENV_BIN, run, write_params
+
+pytestmark = pytest.mark.slow
+
+
+def tracked_files() -> list[str]:
+    """The project as a fresh clone has it (tracked and not-ignored files), outputs excluded."""
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return [f for f in out if (ROOT / f).is_file() and not f.startswith(("tests/", "benchmarks/", "reports/"))]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A git + DVC copy of the project with `dvc repro` run once at 1 epoch."""
+    path = tmp_path_factory.mktemp("repo")
+    for name in tracked_files():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, path / name)
+    write_params(path, {"train": {"epochs": 1}})
+    run(["git", "init", "-q", "-b", "main"], path)
+    run(["git", "add", "-A"], path)
+    run(["git", "commit", "-qm", "project"], path)
+    proc = run(["dvc", "repro"], path)
+    for stage in ("download", "normalize", "train", "evaluate"):
+        assert f"Running stage '{stage}'" in proc.stdout
+    assert "Test accuracy: " in proc.stdout
+    run(["git", "add", "-A"], path)
+    run(["git", "commit", "-qm", "dvc repro, 1 epoch"], path)
+    return path
+
+
+def load_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_every_output_exists_and_the_accuracy_comes_from_the_models_predictions(repo: Path) -> None:
+    raw = np.load(repo / "data/raw/dataset.npz")
+    assert raw["x_train"].dtype == np.uint8 and raw["x_train"].shape == (4000, 28, 28)
+    norm = np.load(repo / "data/normalized/dataset.npz")
+    assert norm["x_test"].dtype == np.float32 and norm["x_test"].min() >= 0 and norm["x_test"].max() <= 1
+    model = keras.saving.load_model(repo / "models/model.keras", safe_mode=True)
+    predicted = model.predict(norm["x_test"], verbose=0).argmax(axis=1)
+    metrics = load_json(repo / "metrics/eval.json")
+    assert 0 < metrics["accuracy"] <= 1
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(norm["y_test"], predicted), abs=1e-6)
+    assert metrics["accuracy"] == pytest.approx(metrics["keras_accuracy"], abs=1e-6)
+    assert set(metrics) >= {"loss", "precision_macro", "recall_macro", "f1_macro", "f1_per_class"}
+    assert len(metrics["f1_per_class"]) == 10
+    train = load_json(repo / "metrics/train/metrics.json")
+    assert train["epochs_run"] == 1 and train["best"]["epoch"] == 1
+    tsv = (repo / "metrics/train/plots/metrics/eval/accuracy.tsv").read_text().splitlines()
+    assert tsv[0] == "step\taccuracy" and len(tsv) == 2
+    confusion = load_json(repo / "metrics/eval/plots/sklearn/confusion_matrix.json")
+    assert len(confusion) == metrics["n_test"] and set(confusion[0]) == {"actual", "predicted"}
+    assert (repo / "metrics/eval/confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dvc_sees_metrics_and_plots_with_no_flags(repo: Path) -> None:
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout)
+    files = shown[""]["data"] if "" in shown else next(iter(shown.values()))["data"]
+    assert {"metrics/eval.json", "metrics/train/metrics.json"} <= set(files)
+    plots = run(["dvc", "plots", "show", "--json"], repo).stdout
+    for name in ("confusion_matrix.json", "Loss per epoch", "Accuracy per epoch", "confusion_matrix.png"):
+        assert name in plots
+
+
+def test_a_second_repro_reruns_nothing(repo: Path) -> None:
+    proc = run(["dvc", "repro"], repo)
+    assert "Running stage" not in proc.stdout
+    assert "Data and pipelines are up to date." in proc.stdout
+
+
+def test_an_experiment_reruns_only_train_and_evaluate_and_metrics_diff_shows_it(repo: Path) -> None:
+    proc = run(["dvc", "exp", "run", "-S", "train.epochs=2"], repo)
+    assert "Running stage 'train'" in proc.stdout and "Running stage 'evaluate'" in proc.stdout
+    assert "Running stage 'download'" not in proc.stdout and "Running stage 'normalize'" not in proc.stdout
+    diff = json.loads(run(["dvc", "metrics", "diff", "--json"], repo).stdout)
+    assert diff["metrics/train/metrics.json"]["epochs_run"] == {"old": 1, "new": 2, "diff": 1}
+    assert "accuracy" in diff["metrics/eval.json"]
+    params = json.loads(run(["dvc", "params", "diff", "--json"], repo).stdout)
+    assert params["params.yaml"]["train.epochs"] == {"old": 1, "new": 2, "diff": 1}
+    shown = run(["dvc", "exp", "show", "--json"], repo).stdout
+    assert '"epochs": 2' in shown
+    report = run([str(VENV_BIN / "python"), "-m", "stages.report", "--out", "reports"], repo)
+    table = (repo / "reports/compare.md").read_text()
+    assert "| experiment | loss | optimizer |" in table and "| 2 |" in table and "| 1 |" in table
+    assert (repo / "reports/compare.png").stat().st_size > 10_000
+    assert "experiments ->" in report.stdout
+    run(["git", "checkout", "-q", "--", "."], repo)  # back to the committed 1-epoch workspace
+    run(["dvc", "checkout", "--force"], repo)
+
+
+def test_same_params_give_the_same_metrics(repo: Path) -> None:
+    python = str(VENV_BIN / "python")
+    first = load_json(repo / "metrics/train/metrics.json"), load_json(repo / "metrics/eval.json")
+    run([python, "-m", "stages.train"], repo)
+    run([python, "-m", "stages.evaluate"], repo)
+    second = load_json(repo / "metrics/train/metrics.json"), load_json(repo / "metrics/eval.json")
+    for metrics in (first[0], second[0]):
+        metrics.pop("train_time_s")
+    assert first == second
+
+
+def test_an_interrupted_training_leaves_the_previous_outputs_and_the_next_run_recovers(repo: Path) -> None:
+    model, metrics = repo / "models/model.keras", repo / "metrics/train/metrics.json"
+    before = model.read_bytes(), metrics.read_bytes()
+    write_params(repo, {"train": {"epochs": 200}})
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "python"), "-m", "stages.train"],
+        cwd=repo,
+        text=True,
+        env={**ENV, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("Epoch 2/"):
+            proc.send_signal(signal.SIGINT)
+            break
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: no output was written")
+    assert (model.read_bytes(), metrics.read_bytes()) == before
+    leftovers = [p.name for d in ("models", "metrics") for p in (repo / d).iterdir() if ".tmp" in p.name]
+    assert leftovers == []
+    run(["git", "checkout", "-q", "--", "params.yaml"], repo)
+    run(["dvc", "repro"], repo)  # reruns whatever the interrupted run or earlier tests left stale
+    assert "Data and pipelines are up to date." in run(["dvc", "repro"], repo).stdout
+
+
+def test_the_tutorials_configuration_matches_sparse_categorical_crossentropy(repo: Path) -> None:
+    """Flatten -> Dense(128, relu) -> Dense(10, sigmoid), binary_crossentropy, Adam, 10 epochs."""
+    accuracy = {}
+    for loss, activation in (("binary_crossentropy", "sigmoid"), ("sparse_categorical_crossentropy", "auto")):
+        run(
+            [
+                "dvc",
+                "exp",
+                "run",
+                "-S",
+                f"train.loss={loss}",
+                "-S",
+                f"model.output_activation={activation}",
+                "-S",
+                "train.epochs=10",
+                "-S",
+                "train.optimizer.name=adam",
+            ],
+            repo,
+        )
+        accuracy[loss] = load_json(repo / "metrics/eval.json")["accuracy"]
+        if loss == "binary_crossentropy":
+            assert load_json(repo / "metrics/eval.json")["binary_accuracy"] > accuracy[loss]
+    assert accuracy["binary_crossentropy"] > 0.85
+    assert abs(accuracy["binary_crossentropy"] - accuracy["sparse_categorical_crossentropy"]) <= 0.02, accuracy
+    run(["git", "checkout", "-q", "--", "."], repo)
+
+
+def test_bad_params_stop_dvc_repro_with_the_message_and_change_nothing(repo: Path) -> None:
+    lock = (repo / "dvc.lock").read_text()
+    write_params(repo, {"train": {"loss": "binary_crossentropy"}, "model": {"output_activation": "softmax"}})
+    proc = run(["dvc", "repro"], repo, check=False)
+    assert proc.returncode != 0
+    assert "error: params.yaml: model.output_activation: 'softmax' does not fit loss 'binary_crossentropy'" in (
+        proc.stdout + proc.stderr
+    )
+    assert (repo / "dvc.lock").read_text() == lock
+    # DVC removes a stage's outputs before running it; nothing is lost: the model is in the DVC
+    # cache and the metrics in git, so restoring the params and checking out brings all back.
+    run(["git", "checkout", "-q", "--", "."], repo)
+    run(["dvc", "checkout", "--force"], repo)
+    assert os.path.exists(repo / "models/model.keras")
+    assert "Data and pipelines are up to date." in run(["dvc", "status"], repo).stdout
+
+
+def test_early_stopping_ends_training_when_the_loss_stops_decreasing(repo: Path) -> None:
+    """The tutorial's advice as a param: patience 0 and an unreachable min_delta stop after epoch 2."""
+    stopping = {"enabled": True, "monitor": "val_loss", "patience": 0, "min_delta": 10.0}
+    write_params(repo, {"train": {"epochs": 10, "early_stopping": stopping}})
+    run([str(VENV_BIN / "python"), "-m", "stages.train"], repo)
+    metrics = load_json(repo / "metrics/train/metrics.json")
+    assert metrics["epochs_run"] == 2
+    assert len((repo / "metrics/train/plots/metrics/eval/loss.tsv").read_text().splitlines()) == 3
+    run(["git", "checkout", "-q", "--", "."], repo)
+    run(["dvc", "checkout", "--force"], repo)
