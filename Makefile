@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-lock
 # The stages run as `python -m stages.<name>`: put the venv first on PATH for dvc.
 RUN    := PATH="$(CURDIR)/$(BIN):$$PATH"
 
-.PHONY: setup repro test lint sweep compare lock clean-venv
+.PHONY: setup repro test lint sweep compare bench lock clean-venv
 
 setup: $(STAMP)
 
@@ -46,3 +46,7 @@ lock:
 
 clean-venv:
 	rm -rf $(VENV)
+
+bench: setup
+	$(BIN)/python benchmarks/startup.py
+	$(BIN)/python benchmarks/t10k_accuracy.py
