@@ -24,6 +24,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.lines import Line2D
 
 from stages.lib import errors
 
@@ -47,7 +48,9 @@ class Experiment:
         values = {
             "experiment": self.name,
             "loss": t.get("loss"),
-            "optimizer": opt.get("name"),
+            "optimizer": " ".join(
+                [str(opt.get("name"))] + [f"{k}={v}" for k, v in opt.items() if k not in ("name", "learning_rate")]
+            ),
             "lr": opt.get("learning_rate"),
             "epochs": self.train.get("epochs_run"),
             "test accuracy": self.test.get("accuracy"),
@@ -120,30 +123,26 @@ def curve(rev: str, path: str) -> tuple[list[int], list[float]]:
 
 
 def plot(exps: list[Experiment], out: Path) -> None:
+    """Validation loss and accuracy per epoch, one line per experiment: colour = loss, style = optimizer."""
     losses = sorted({e.cell("loss") for e in exps})
-    optimizers = sorted({e.cell("optimizer") for e in exps})
+    optimizers = sorted({(e.cell("optimizer"), e.cell("lr")) for e in exps})
     colours = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(losses)}
-    styles = {name: ("-", "--", ":", "-.")[i % 4] for i, name in enumerate(optimizers)}
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5))
+    styles = {key: ("-", "--", ":", "-.")[i % 4] for i, key in enumerate(optimizers)}
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6))
     for e in exps:
+        style = {"color": colours[e.cell("loss")], "linestyle": styles[(e.cell("optimizer"), e.cell("lr"))]}
         for ax, path in zip(axes, CURVES.values(), strict=True):
-            epochs, values = curve(e.rev, path)
-            ax.plot(
-                epochs,
-                values,
-                color=colours[e.cell("loss")],
-                linestyle=styles[e.cell("optimizer")],
-                label=f"{e.cell('loss')} + {e.cell('optimizer')}",
-            )
+            ax.plot(*curve(e.rev, path), **style, linewidth=1.4, alpha=0.85)
     axes[0].set(title="Validation loss (each loss on its own scale)", xlabel="epoch", ylabel="val_loss", yscale="log")
     axes[1].set(title="Validation top-1 accuracy", xlabel="epoch", ylabel="val_accuracy", ylim=(0, 1))
     for ax in axes:
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
-    handles, labels = axes[1].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
-    fig.suptitle("Loss x optimizer (colour: loss, line style: optimizer)")
-    fig.tight_layout(rect=(0, 0.04 + 0.025 * ((len(labels) + 2) // 3), 1, 1))
+    loss_keys = [Line2D([], [], color=colours[name], label=name) for name in losses]
+    opt_keys = [Line2D([], [], color="black", linestyle=styles[k], label=f"{k[0]}, lr {k[1]}") for k in optimizers]
+    fig.legend(handles=loss_keys, loc="lower left", ncol=4, fontsize=8, frameon=False, title="loss (colour)")
+    fig.legend(handles=opt_keys, loc="lower right", ncol=1, fontsize=8, frameon=False, title="optimizer (line)")
+    fig.tight_layout(rect=(0, 0.05 + 0.03 * max((len(losses) + 3) // 4, len(optimizers)), 1, 1))
     fig.savefig(out, dpi=90)
     plt.close(fig)
 

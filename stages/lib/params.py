@@ -3,7 +3,7 @@
 Every key has a type, a default and, where it matters, a range. `load()` returns frozen
 dataclasses or raises `ParamError` naming the dotted key: unknown keys (with a "did you mean"),
 wrong types, out-of-range values, unknown loss / optimizer / schedule names (listing the valid
-ones) and combinations that cannot work. numpy-free and TensorFlow-free: download and normalize
+ones) and combinations that cannot work. TensorFlow-free, so download and normalize can
 import it too. The optimizer's and loss's own keyword arguments are checked against the real
 Keras constructors by `stages.lib.registry` when train builds them, before it reads any data.
 """

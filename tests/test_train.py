@@ -1,0 +1,31 @@
+"""train's own logic: the model params build, and the best epoch it reports."""
+
+from __future__ import annotations
+
+import keras
+
+from stages import train
+from stages.lib import params
+
+
+def test_model_follows_the_params() -> None:
+    p = params.parse({"model": {"hidden_units": [64, 32], "activation": "tanh", "dropout": 0.2}})
+    model = train.build_model(p)
+    dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+    assert [layer.units for layer in dense] == [64, 32, 10]
+    assert [layer.activation.__name__ for layer in dense] == ["tanh", "tanh", "softmax"]
+    assert sum(isinstance(layer, keras.layers.Dropout) for layer in model.layers) == 2
+    assert model.output_shape == (None, 10)
+
+
+def test_the_tutorials_model_is_the_default() -> None:
+    model = train.build_model(params.Params())
+    assert [type(layer).__name__ for layer in model.layers] == ["Flatten", "Dense", "Dense"]
+    assert model.count_params() == 28 * 28 * 128 + 128 + 128 * 10 + 10
+
+
+def test_best_epoch_is_the_lowest_loss_or_the_highest_accuracy() -> None:
+    history = {"loss": [0.9, 0.5, 0.6], "val_loss": [0.8, 0.7, 0.75], "val_accuracy": [0.5, 0.6, 0.9]}
+    assert train.best_epoch(history, "val_loss") == 1
+    assert train.best_epoch(history, "val_accuracy") == 2
+    assert train.best_epoch(history, "loss") == 1
