@@ -41,8 +41,9 @@ compare: setup
 # Re-pin every dependency after changing pyproject.toml's list.
 lock:
 	rm -rf /tmp/lock-venv && $(PYTHON) -m venv /tmp/lock-venv
-	/tmp/lock-venv/bin/pip install --quiet --disable-pip-version-check -e '.[dev]'
-	/tmp/lock-venv/bin/pip freeze --exclude-editable > requirements.lock
+	/tmp/lock-venv/bin/pip install --quiet --disable-pip-version-check '.[dev]'
+	/tmp/lock-venv/bin/pip freeze --exclude keras-loss-lab > requirements.lock
+	rm -rf build *.egg-info
 
 clean-venv:
 	rm -rf $(VENV)
