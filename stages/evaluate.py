@@ -68,7 +68,7 @@ def main() -> None:
         display = ConfusionMatrixDisplay.from_predictions(
             y_true, y_pred, normalize=normalize, values_format=".2f" if normalize else "d", colorbar=False
         )
-        display.ax_.set_title(f"{p.train.loss} + {p.train.optimizer.name}: accuracy {metrics['accuracy']:.4f}")
+        display.ax_.set_title(f"{p.train.loss}: test accuracy {metrics['accuracy']:.4f}")
         display.figure_.savefig(plots_dir / "confusion_matrix.png", dpi=100, bbox_inches="tight")
         plt.close(display.figure_)
     atomic.write_json(METRICS, {k: _plain(v) for k, v in metrics.items()})

@@ -120,8 +120,8 @@ def test_optimizer_arguments_reach_the_constructor() -> None:
     ("optimizer", "key", "fragment"),
     [
         ({"name": "adam", "momentum": 0.9}, "train.optimizer.momentum", "accepted: amsgrad, beta_1, beta_2"),
-        ({"name": "sgd", "nesterov": "yes"}, "train.optimizer.nesterov", "expected bool"),
-        ({"name": "sgd", "momentum": "high"}, "train.optimizer.momentum", "expected float"),
+        ({"name": "sgd", "nesterov": "yes"}, "train.optimizer.nesterov", "expected true or false"),
+        ({"name": "sgd", "momentum": "high"}, "train.optimizer.momentum", "expected a number"),
         ({"name": "sgd", "momentum": 2.0}, "train.optimizer", "optimizer 'sgd' rejected these settings"),
     ],
 )

@@ -165,23 +165,22 @@ def _accepted(cls: type, exclude: set[str]) -> dict[str, inspect.Parameter]:
 
 
 def _check_kwargs(kwargs: Mapping[str, Any], accepted: dict[str, inspect.Parameter], key: str, what: str) -> None:
-    """Unknown keys and values whose type does not match the constructor's default."""
+    """Unknown keys, and values of another type than the constructor's (bool, number, str) default."""
     names = ", ".join(sorted(accepted))
     for name, value in kwargs.items():
         if name not in accepted:
             raise ParamError(f"{key}.{name}", f"not a parameter of {what}; accepted: {names}")
         default = accepted[name].default
         if isinstance(default, bool):
-            ok = isinstance(value, bool)
-        elif isinstance(default, (int, float)) or default is None:
-            ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+            ok, expected = isinstance(value, bool), "true or false"
+        elif isinstance(default, (int, float)):
+            ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
         elif isinstance(default, str):
-            ok = isinstance(value, str)
-        else:  # required or structured (lists for piecewise_constant): Keras checks it
-            ok = True
+            ok, expected = isinstance(value, str), "a string"
+        else:  # no default, or None: structured values (lists, layers) that Keras checks itself
+            ok, expected = True, ""
         if not ok:
-            expected = type(default).__name__ if default is not None else "a number"
-            raise ParamError(f"{key}.{name}", f"expected {expected}, got {value!r} ({type(value).__name__})")
+            raise ParamError(f"{key}.{name}", f"expected {expected}, got {value!r}")
 
 
 def _construct(cls: type, kwargs: Mapping[str, Any], key: str, what: str) -> Any:
