@@ -126,6 +126,16 @@ def test_same_params_give_the_same_metrics(repo: Path) -> None:
     assert first == second
 
 
+def test_a_normalized_confusion_png_changes_only_the_picture(repo: Path) -> None:
+    metrics = (repo / "metrics/eval.json").read_text()
+    png = (repo / "metrics/eval/confusion_matrix.png").read_bytes()
+    write_params(repo, {"evaluate": {"confusion_normalize": "true"}})
+    run([str(VENV_BIN / "python"), "-m", "stages.evaluate"], repo)
+    assert (repo / "metrics/eval.json").read_text() == metrics
+    assert (repo / "metrics/eval/confusion_matrix.png").read_bytes() != png
+    run(["git", "checkout", "-q", "--", "."], repo)
+
+
 def test_an_interrupted_training_leaves_the_previous_outputs_and_the_next_run_recovers(repo: Path) -> None:
     model, metrics = repo / "models/model.keras", repo / "metrics/train/metrics.json"
     before = model.read_bytes(), metrics.read_bytes()

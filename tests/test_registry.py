@@ -170,3 +170,16 @@ def test_loss_arguments_are_checked_against_the_loss() -> None:
 @pytest.mark.parametrize("activation", registry.HIDDEN_ACTIVATIONS + registry.OUTPUT_ACTIVATIONS)
 def test_every_allowed_activation_exists_in_keras(activation: str) -> None:
     assert callable(keras.activations.get(activation))
+
+
+def test_logits_become_probabilities_without_changing_the_predicted_class() -> None:
+    logits = np.random.default_rng(1).normal(0, 5, (50, 10))
+    softmax = registry.to_probabilities(logits, registry.LOSSES["categorical_crossentropy"], from_logits=True)
+    np.testing.assert_allclose(softmax.sum(axis=1), 1.0)
+    sigmoid = registry.to_probabilities(logits, registry.LOSSES["binary_crossentropy"], from_logits=True)
+    assert ((sigmoid > 0) & (sigmoid < 1)).all()
+    for probabilities in (softmax, sigmoid):
+        np.testing.assert_array_equal(probabilities.argmax(axis=1), logits.argmax(axis=1))
+    np.testing.assert_array_equal(
+        registry.to_probabilities(logits, registry.LOSSES["categorical_hinge"], from_logits=False), logits
+    )
