@@ -16,7 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from dvclive import Live
-from sklearn.metrics import ConfusionMatrixDisplay, accuracy_score, f1_score, precision_recall_fscore_support
+from sklearn.metrics import ConfusionMatrixDisplay, accuracy_score, precision_recall_fscore_support
 
 from stages.lib import atomic, datasets, errors, params, registry
 
@@ -43,16 +43,16 @@ def main() -> None:
     )
     y_pred = probabilities.argmax(axis=1)
 
-    precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, average="macro", zero_division=0)
-    per_class = f1_score(y_true, y_pred, average=None, labels=range(registry.NUM_CLASSES), zero_division=0)
+    classes = range(registry.NUM_CLASSES)
+    precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=classes, zero_division=0)
     metrics = {
         "loss": keras_scores["loss"],
         "accuracy": accuracy_score(y_true, y_pred),
         "keras_accuracy": keras_scores["accuracy"],
-        "precision_macro": precision,
-        "recall_macro": recall,
-        "f1_macro": f1,
-        "f1_per_class": {str(c): score for c, score in enumerate(per_class)},
+        "precision_macro": precision.mean(),  # macro: the unweighted mean over the ten classes
+        "recall_macro": recall.mean(),
+        "f1_macro": f1.mean(),
+        "f1_per_class": {str(c): score for c, score in zip(classes, f1, strict=True)},
         "n_test": len(y_true),
     }
     if "binary_accuracy" in keras_scores:

@@ -40,8 +40,9 @@ def build_model(p: params.Params) -> keras.Sequential:
 
 
 def best_epoch(history: dict[str, list[float]], monitor: str) -> int:
-    """0-based epoch with the best `monitor` value (lowest loss, highest accuracy)."""
-    values = np.asarray(history[monitor] if monitor in history else history["loss"])
+    """0-based epoch with the best `monitor` value (lowest loss, highest accuracy); `loss` if not logged."""
+    monitor = monitor if monitor in history else "loss"  # val_* without a validation split
+    values = np.asarray(history[monitor])
     return int(values.argmax() if "accuracy" in monitor else values.argmin())
 
 
@@ -82,7 +83,7 @@ def main() -> None:
                 verbose=1 if sys.stdout.isatty() else 2,
             ).history
             seconds = time.perf_counter() - start
-            best = best_epoch(history, t.early_stopping.monitor if t.validation_split else "loss")
+            best = best_epoch(history, t.early_stopping.monitor)
             live.summary["epochs_run"] = len(history["loss"])
             live.summary["best"] = {"epoch": best + 1, **{k: v[best] for k, v in history.items()}}
             live.summary["train_time_s"] = round(seconds, 2)

@@ -149,3 +149,10 @@ def test_params_yaml_that_is_not_yaml_is_one_clear_error(project: Path) -> None:
     proc = run([str(VENV_BIN / "python"), "-m", "stages.normalize"], project, check=False)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: params.yaml: (file): not valid YAML")
+
+
+def test_the_schema_knows_exactly_the_sources_that_datasets_can_fetch() -> None:
+    from stages.lib import datasets
+
+    hint = params.typing.get_type_hints(params.DataParams)["source"]
+    assert set(params.typing.get_args(hint)) == set(datasets.SOURCES)

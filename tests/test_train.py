@@ -29,3 +29,8 @@ def test_best_epoch_is_the_lowest_loss_or_the_highest_accuracy() -> None:
     assert train.best_epoch(history, "val_loss") == 1
     assert train.best_epoch(history, "val_accuracy") == 2
     assert train.best_epoch(history, "loss") == 1
+
+
+def test_best_epoch_falls_back_to_the_training_loss_without_validation_data() -> None:
+    history = {"loss": [0.9, 0.4, 0.6], "accuracy": [0.5, 0.8, 0.7]}
+    assert train.best_epoch(history, "val_accuracy") == 1

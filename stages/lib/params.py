@@ -61,10 +61,10 @@ class NormalizeParams:
 
 @dataclass(frozen=True)
 class ModelParams:
-    hidden_units: list[int] = field(default_factory=lambda: [128])
+    hidden_units: list[int] = field(default_factory=lambda: [128], metadata={"ge": 1})  # range of each item
     activation: str = "relu"
     dropout: float = bounded(0.0, ge=0, lt=1)
-    output_activation: Literal["auto", "softmax", "sigmoid", "linear", "tanh"] = "auto"
+    output_activation: str = "auto"  # auto or one of registry.OUTPUT_ACTIVATIONS
 
 
 @dataclass(frozen=True)
@@ -173,7 +173,7 @@ def _value(tp: Any, value: Any, key: str, limits: Mapping[str, Any]) -> Any:  # 
         if not isinstance(value, list):
             raise ParamError(key, f"expected a list, got {value!r}")
         (item,) = typing.get_args(tp)
-        return [_value(item, v, f"{key}[{i}]", {"ge": 1} if item is int else {}) for i, v in enumerate(value)]
+        return [_value(item, v, f"{key}[{i}]", limits) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, Mapping):
             raise ParamError(key, f"expected a mapping, got {value!r}")
@@ -246,6 +246,7 @@ def _check_names_and_combinations(p: Params) -> None:
         if not re.fullmatch(r"[0-9a-f]{64}", value):
             raise ParamError("data.sha256", f"{value!r} is not a sha256 (64 lowercase hex digits)")
     _one_of("model.activation", p.model.activation, registry.HIDDEN_ACTIVATIONS)
+    _one_of("model.output_activation", p.model.output_activation, ["auto", *registry.OUTPUT_ACTIVATIONS])
     _one_of("train.loss", t.loss, registry.LOSSES)
     _one_of("train.optimizer.name", t.optimizer.name, registry.OPTIMIZERS)
     _one_of("train.lr_schedule.name", t.lr_schedule.name, ["none", *registry.LR_SCHEDULES])
