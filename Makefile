@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-lock
 # The stages run as `python -m stages.<name>`: put the venv first on PATH for dvc.
 RUN    := PATH="$(CURDIR)/$(BIN):$$PATH"
 
-.PHONY: setup repro test lint sweep compare bench lock clean-venv
+.PHONY: setup repro test lint sweep compare bench lock clean-venv predict
 
 setup: $(STAMP)
 
@@ -51,3 +51,8 @@ clean-venv:
 bench: setup
 	$(BIN)/python benchmarks/startup.py
 	$(BIN)/python benchmarks/t10k_accuracy.py
+	$(BIN)/python benchmarks/rendered_digits.py
+
+# Read your own digit images with the trained model: make predict IMG="a.png b.jpg" [SHOW=seen.png]
+predict: setup
+	$(BIN)/python -m stages.predict $(IMG) $(if $(SHOW),--show $(SHOW))

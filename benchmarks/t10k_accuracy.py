@@ -20,11 +20,9 @@ os.chdir(ROOT)
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
 from sklearn.metrics import accuracy_score, f1_score  # noqa: E402
 
-from stages import normalize  # noqa: E402
-from stages.lib import datasets, params, registry  # noqa: E402
+from stages.lib import datasets, serving  # noqa: E402
 
 
 def main() -> None:
@@ -35,11 +33,8 @@ def main() -> None:
     y = datasets.read_idx(idx_dir / "t10k-labels-idx1-ubyte.gz").astype(int)
     datasets.validate({"x_train": x, "y_train": y, "x_test": x, "y_test": y}, None)
 
-    p = params.load()
-    stats = json.loads(Path("data/normalized/stats.json").read_text())
-    model = keras.saving.load_model("models/model.keras", safe_mode=True)
-    outputs = model.predict(normalize.apply(x, stats), batch_size=1024, verbose=0)
-    predicted = registry.to_probabilities(outputs, registry.LOSSES[p.train.loss], p.train.from_logits).argmax(1)
+    model, _ = serving.load()  # raw uint8 images in, probabilities out
+    predicted = model.predict(x, batch_size=1024, verbose=0).argmax(axis=1)
     own = json.loads(Path("metrics/eval.json").read_text())
     print("| test set | digits | accuracy | macro F1 |")
     print("|---|---|---|---|")

@@ -1,6 +1,8 @@
-"""Stage `evaluate`: models/model.keras + test set -> metrics/eval.json, metrics/eval/.
+"""Stage `evaluate`: models/ + the raw uint8 test set -> metrics/eval.json, metrics/eval/.
 
-Loads the model (safe_mode), computes the test loss with its own compiled loss, then predicts
+Loads the shipped model (safe_mode) and its card, exactly as a user would: raw images in,
+probabilities out; the loss and its label encoding come from the card (`models/model.json`),
+not params.yaml. Computes the test loss with the model's own compiled loss, then predicts
 and scores the predictions with scikit-learn: top-1 accuracy, macro precision / recall / F1,
 per-class F1. Writes the confusion matrix as a DVC confusion plot (dvclive `log_sklearn_plot`)
 and as a PNG (`ConfusionMatrixDisplay`), and prints the test accuracy as the tutorial does.
@@ -10,7 +12,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import keras
 import matplotlib
 
 matplotlib.use("Agg")
@@ -18,30 +19,22 @@ import matplotlib.pyplot as plt
 from dvclive import Live
 from sklearn.metrics import ConfusionMatrixDisplay, accuracy_score, precision_recall_fscore_support
 
-from stages.lib import atomic, datasets, errors, params, registry
+from stages.lib import atomic, datasets, errors, params, registry, serving
 
-DATA = Path("data/normalized/dataset.npz")
-MODEL = Path("models/model.keras")
+DATA = Path("data/raw/dataset.npz")
 METRICS = Path("metrics/eval.json")
 PLOTS_DIR = Path("metrics/eval")
 
 
 def main() -> None:
-    p = params.load()
-    spec = registry.LOSSES[p.train.loss]
-    if not MODEL.exists():
-        raise errors.StageError(f"{MODEL} not found; run the train stage first (dvc repro)")
-    model = keras.saving.load_model(MODEL, safe_mode=True)
+    p = params.load().evaluate
+    model, card = serving.load()
     data = datasets.load_npz(DATA)
     x, y_true = data["x_test"], data["y_test"].astype(int)
 
-    keras_scores = model.evaluate(
-        x, registry.encode_labels(y_true, spec), batch_size=p.evaluate.batch_size, return_dict=True, verbose=0
-    )
-    probabilities = registry.to_probabilities(
-        model.predict(x, batch_size=p.evaluate.batch_size, verbose=0), spec, p.train.from_logits
-    )
-    y_pred = probabilities.argmax(axis=1)
+    y_encoded = registry.encode_labels(y_true, registry.LOSSES[card["loss"]])
+    keras_scores = model.evaluate(x, y_encoded, batch_size=p.batch_size, return_dict=True, verbose=0)
+    y_pred = model.predict(x, batch_size=p.batch_size, verbose=0).argmax(axis=1)
 
     classes = range(registry.NUM_CLASSES)
     precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=classes, zero_division=0)
@@ -64,11 +57,11 @@ def main() -> None:
                 "confusion_matrix", y_true, y_pred, name="confusion_matrix.json", title="Confusion matrix (test set)"
             )
         (plots_dir / "metrics.json").unlink(missing_ok=True)  # Live's empty summary; metrics go to eval.json
-        normalize = None if p.evaluate.confusion_normalize == "none" else p.evaluate.confusion_normalize
+        normalize = None if p.confusion_normalize == "none" else p.confusion_normalize
         display = ConfusionMatrixDisplay.from_predictions(
             y_true, y_pred, normalize=normalize, values_format=".2f" if normalize else "d", colorbar=False
         )
-        display.ax_.set_title(f"{p.train.loss}: test accuracy {metrics['accuracy']:.4f}")
+        display.ax_.set_title(f"{card['loss']}: test accuracy {metrics['accuracy']:.4f}")
         display.figure_.savefig(plots_dir / "confusion_matrix.png", dpi=100, bbox_inches="tight")
         plt.close(display.figure_)
     atomic.write_json(METRICS, {k: _plain(v) for k, v in metrics.items()})

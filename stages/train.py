@@ -1,14 +1,17 @@
-"""Stage `train`: data/normalized/dataset.npz -> models/model.keras, metrics/train/.
+"""Stage `train`: data/normalized/{dataset.npz, stats.json} -> models/, metrics/train/.
 
 Builds Flatten -> Dense(hidden_units, activation) [-> Dropout] -> Dense(10, output activation)
 from `model.*`, compiles it with the loss and optimizer from `train.*` (wired by the registry:
 label encoding, output activation, logits, metrics), and fits it with dvclive's
 `DVCLiveCallback`: per-epoch loss/accuracy curves (train and validation) and a summary with
 the final epoch, the best epoch and the training time. Seeded and deterministic on CPU.
+What it saves stands on its own (`stages.lib.serving`): raw uint8 images in, probabilities
+out, with its card (`models/model.json`) and a SavedModel beside it.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -19,10 +22,10 @@ import tensorflow as tf
 from dvclive import Live
 from dvclive.keras import DVCLiveCallback
 
-from stages.lib import atomic, datasets, errors, params, registry
+from stages.lib import atomic, datasets, errors, params, registry, serving
 
 DATA = Path("data/normalized/dataset.npz")
-MODEL = Path("models/model.keras")
+STATS = Path("data/normalized/stats.json")
 LIVE_DIR = Path("metrics/train")
 
 
@@ -70,7 +73,7 @@ def main() -> None:
             )
         )
 
-    with atomic.target(LIVE_DIR) as live_dir, atomic.target(MODEL) as model_file:
+    with atomic.target(LIVE_DIR) as live_dir, atomic.target(serving.MODEL_DIR) as model_dir:
         with Live(str(live_dir), save_dvc_exp=False, dvcyaml=None) as live:
             start = time.perf_counter()
             history = model.fit(
@@ -87,9 +90,15 @@ def main() -> None:
             live.summary["epochs_run"] = len(history["loss"])
             live.summary["best"] = {"epoch": best + 1, **{k: v[best] for k, v in history.items()}}
             live.summary["train_time_s"] = round(seconds, 2)
-        model.save(model_file)
+        # the loss's own output (softmax / sigmoid on logits), behind normalize's transform
+        activation = registry.output_activation(
+            registry.LOSSES[t.loss], "auto" if t.from_logits else p.model.output_activation, from_logits=False
+        )
+        stats = json.loads(STATS.read_text())
+        shipped = serving.standalone(model, stats, t, activation)
+        serving.save(shipped, model_dir, serving.card(t.loss, activation, stats))
 
-    print(f"trained {len(history['loss'])} epochs in {seconds:.1f}s; best epoch {best + 1} -> {MODEL}")
+    print(f"trained {len(history['loss'])} epochs in {seconds:.1f}s; best epoch {best + 1} -> {serving.MODEL_DIR}/")
 
 
 if __name__ == "__main__":

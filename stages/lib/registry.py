@@ -190,8 +190,8 @@ def _construct(cls: type, kwargs: Mapping[str, Any], key: str, what: str) -> Any
         raise ParamError(key, f"{what} rejected these settings: {exc}") from exc
 
 
-def make_loss(train: TrainParams) -> keras.losses.Loss:
-    """The Keras loss object for `train.loss`, `train.loss_args` and `train.from_logits`."""
+def make_loss(train: TrainParams, from_logits: bool | None = None) -> keras.losses.Loss:
+    """The Keras loss object for `train.loss`, `train.loss_args` and `train.from_logits` (or `from_logits`)."""
     import keras
 
     spec = LOSSES[train.loss]
@@ -203,23 +203,22 @@ def make_loss(train: TrainParams) -> keras.losses.Loss:
     _check_kwargs(train.loss_args, _accepted(cls, set(_RESERVED_LOSS_ARGS)), "train.loss_args", f"loss '{train.loss}'")
     kwargs = dict(train.loss_args)
     if spec.from_logits:
-        kwargs["from_logits"] = train.from_logits
+        kwargs["from_logits"] = train.from_logits if from_logits is None else from_logits
     return _construct(cls, kwargs, "train.loss_args", f"loss '{train.loss}'")
 
 
-def make_metrics(train: TrainParams) -> list[keras.metrics.Metric]:
+def make_metrics(train: TrainParams, from_logits: bool | None = None) -> list[keras.metrics.Metric]:
     """Top-1 `accuracy` for every loss, plus `binary_accuracy` for one-vs-rest losses."""
     import keras
 
+    from_logits = train.from_logits if from_logits is None else from_logits
     spec = LOSSES[train.loss]
     if spec.labels == "sparse":
         metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
     else:
         metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
     if spec.one_vs_rest:  # logits above 0 <=> probabilities above 0.5
-        metrics.append(
-            keras.metrics.BinaryAccuracy(name="binary_accuracy", threshold=0.0 if train.from_logits else 0.5)
-        )
+        metrics.append(keras.metrics.BinaryAccuracy(name="binary_accuracy", threshold=0.0 if from_logits else 0.5))
     return metrics
 
 

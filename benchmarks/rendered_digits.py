@@ -1,0 +1,62 @@
+"""How well the shipped model reads digits handed over as ordinary image files (after `make repro`).
+
+Every digit of the pipeline's test split is redrawn as a person might give it (black ink on
+paper, a few hundred pixels, off-centre; every third one a JPEG, see tests/digits.py), read
+back through `stages.predict`'s preparation (`stages.lib.images`) and the shipped model, and
+compared with the label and with the model's answer on the untouched 28x28 original.
+
+    python benchmarks/rendered_digits.py [--examples data/examples]
+
+`--examples DIR` also writes the first few rendered digits there (the README's picture).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from stages.lib import images, serving
+from tests.digits import render
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=Path, help="also keep a few rendered digits in this folder")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    raw = np.load("data/raw/dataset.npz")
+    x, y = raw["x_test"], raw["y_test"]
+    model, _ = serving.load()
+    rng = np.random.default_rng(args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = [render(x[i], Path(tmp, f"{i}.{'jpg' if i % 3 == 0 else 'png'}"), rng) for i in range(len(y))]
+        start = time.perf_counter()
+        seen = np.stack([images.load(f)[1] for f in files])
+        prepare_s = time.perf_counter() - start
+        sizes = [f.stat().st_size for f in files]
+        if args.examples:
+            args.examples.mkdir(parents=True, exist_ok=True)
+            for f in files[:4]:
+                (args.examples / f"digit-{f.name}").write_bytes(f.read_bytes())
+    rendered = model.predict(seen, verbose=0).argmax(axis=1)
+    original = model.predict(x, verbose=0).argmax(axis=1)
+    print("| input | digits | accuracy | agrees with the 28x28 original |")
+    print("|---|---|---|---|")
+    print(f"| the test split's 28x28 originals | {len(y)} | {(original == y).mean():.4f} | 1.0000 |")
+    print(
+        f"| the same, rendered as a person's PNG/JPEG | {len(y)} | {(rendered == y).mean():.4f} "
+        f"| {(rendered == original).mean():.4f} |"
+    )
+    print(
+        f"\npreparation: {1000 * prepare_s / len(y):.1f} ms per image (median file {np.median(sizes) / 1024:.0f} KiB)"
+    )
+
+
+if __name__ == "__main__":
+    main()

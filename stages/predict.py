@@ -1,0 +1,97 @@
+"""Read a person's digit images with the trained model: `python -m stages.predict IMAGE...`.
+
+Each PNG/JPEG/... (any size or colour) becomes the 28x28 picture MNIST would have made of it
+(`stages.lib.images`), and the shipped model (`models/`, see `stages.lib.serving`) reads it.
+Prints, per file, the predicted digit and the top-3 outputs; `--json` for machines; `--show
+out.png` draws each input beside the 28x28 the model saw and its outputs. Not a DVC stage:
+it reads the user's files, and nothing of the project but the model and its card.
+
+    python -m stages.predict my_seven.png photo_of_a_three.jpg --show seen.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from stages.lib import errors, images, serving
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m stages.predict", description=__doc__.splitlines()[0])
+    parser.add_argument("images", nargs="+", type=Path, help="image files (PNG, JPEG, ...)")
+    parser.add_argument("--model", type=Path, default=serving.MODEL_DIR, help="the train stage's output folder")
+    parser.add_argument("--top", type=int, default=3, choices=range(1, 11), metavar="K", help="outputs to list (3)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    parser.add_argument("--show", type=Path, metavar="OUT.png", help="also draw what the model saw and said")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    inputs, failures = [], []
+    for path in args.images:
+        try:
+            inputs.append((path, *images.load(path)))
+        except images.ImageError as exc:
+            failures.append(str(exc))
+    if inputs:
+        model, card = serving.load(args.model)
+        outputs = model.predict(np.stack([seen for _, _, seen in inputs]), verbose=0)
+        meaning = card["output"]["meaning"]
+        results = [
+            {
+                "file": str(path),
+                "digit": int(out.argmax()),
+                "top": [{"digit": int(d), "value": round(float(out[d]), 4)} for d in np.argsort(-out)[: args.top]],
+                "outputs": [round(float(v), 6) for v in out],
+            }
+            for (path, _, _), out in zip(inputs, outputs, strict=True)
+        ]
+        if args.json:
+            print(json.dumps({"output": meaning, "predictions": results}, indent=2))
+        else:
+            for r in results:
+                top = ", ".join(f"{t['digit']}: {t['value']:.3f}" for t in r["top"])
+                print(f"{r['file']}: {r['digit']}   ({meaning}: {top})")
+        if args.show:
+            show(inputs, outputs, meaning, args.show)
+            print(f"picture -> {args.show}", file=sys.stderr)
+    for failure in failures:
+        print(f"error: {failure}", file=sys.stderr)
+    if failures:
+        sys.exit(2)
+
+
+def show(inputs: list[tuple[Path, np.ndarray, np.ndarray]], outputs: np.ndarray, meaning: str, out: Path) -> None:
+    """One row per image: the file as read, the 28x28 the model saw, and its ten outputs."""
+    fig, axes = plt.subplots(len(inputs), 3, figsize=(9, 2.4 * len(inputs)), squeeze=False)
+    for (path, gray, seen), values, (ax_in, ax_seen, ax_bar) in zip(inputs, outputs, axes, strict=True):
+        ax_in.imshow(gray, cmap="gray", vmin=0, vmax=255)
+        ax_in.set_title(f"{path.name} ({gray.shape[1]}x{gray.shape[0]})", fontsize=9)
+        ax_seen.imshow(seen, cmap="gray", vmin=0, vmax=255)
+        ax_seen.set_title("what the model saw (28x28)", fontsize=9)
+        for ax in (ax_in, ax_seen):
+            ax.set(xticks=[], yticks=[])
+        digit = int(values.argmax())
+        ax_bar.bar(range(10), values, color=["tab:orange" if d == digit else "tab:blue" for d in range(10)])
+        ax_bar.set(xticks=range(10), title=f"reads {digit} ({meaning} {values[digit]:.2f})")
+        if "probabilities" in meaning:
+            ax_bar.set_ylim(0, 1)
+        ax_bar.title.set_fontsize(9)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    errors.run(main)
