@@ -4,17 +4,22 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-lock
+PLOTS_PAGE := .dvc/plots/offline.html
 # The stages run as `python -m stages.<name>`: put the venv first on PATH for dvc.
 RUN    := PATH="$(CURDIR)/$(BIN):$$PATH"
 
 .PHONY: setup repro test lint sweep compare bench lock clean-venv predict
 
-setup: $(STAMP)
+setup: $(STAMP) $(PLOTS_PAGE)
 
 $(STAMP): requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	@touch $@
+
+# DVC's plots page with Vega inlined from the pinned vl-convert-python: plots draw offline.
+$(PLOTS_PAGE): $(STAMP) stages/offline_plots.py
+	$(BIN)/python -m stages.offline_plots
 
 repro: setup
 	$(RUN) $(BIN)/dvc repro
@@ -35,8 +40,9 @@ sweep: setup
 	$(RUN) $(BIN)/dvc exp run --run-all
 	$(RUN) $(BIN)/python -m stages.report --readme README.md
 
+# Refuses to shrink the README's table (a fresh clone has no experiments) unless REPLACE=1.
 compare: setup
-	$(RUN) $(BIN)/python -m stages.report --readme README.md
+	$(RUN) $(BIN)/python -m stages.report --readme README.md $(if $(REPLACE),--replace)
 
 # Re-pin every dependency after changing pyproject.toml's list.
 lock:

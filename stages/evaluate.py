@@ -4,13 +4,16 @@ Loads the shipped model (safe_mode) and its card, exactly as a user would: raw i
 probabilities out; the loss and its label encoding come from the card (`models/model.json`),
 not params.yaml. Computes the test loss with the model's own compiled loss, then predicts
 and scores the predictions with scikit-learn: top-1 accuracy, macro precision / recall / F1,
-per-class F1. Writes the confusion matrix as a DVC confusion plot (dvclive `log_sklearn_plot`)
-and as a PNG (`ConfusionMatrixDisplay`), and prints the test accuracy as the tutorial does.
+per-class F1. `metrics/eval.json` holds the headline, `test.accuracy` and `test.loss` (what
+`dvc exp show` leads with); the other scores go to `metrics/eval/scores.json`. Writes the
+confusion matrix as a DVC confusion plot (dvclive `log_sklearn_plot`) and as a PNG
+(`ConfusionMatrixDisplay`), and prints the test accuracy as the tutorial does.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -38,9 +41,9 @@ def main() -> None:
 
     classes = range(registry.NUM_CLASSES)
     precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=classes, zero_division=0)
-    metrics = {
-        "loss": keras_scores["loss"],
-        "accuracy": accuracy_score(y_true, y_pred),
+    # The headline, what `dvc exp show` leads with: the test set's accuracy and loss, named `test.*`.
+    headline = {"test": {"accuracy": accuracy_score(y_true, y_pred), "loss": keras_scores["loss"]}}
+    scores = {
         "keras_accuracy": keras_scores["accuracy"],
         "precision_macro": precision.mean(),  # macro: the unweighted mean over the ten classes
         "recall_macro": recall.mean(),
@@ -49,7 +52,7 @@ def main() -> None:
         "n_test": len(y_true),
     }
     if "binary_accuracy" in keras_scores:
-        metrics["binary_accuracy"] = keras_scores["binary_accuracy"]
+        scores["binary_accuracy"] = keras_scores["binary_accuracy"]
 
     with atomic.target(PLOTS_DIR) as plots_dir:
         with Live(str(plots_dir), save_dvc_exp=False, dvcyaml=None) as live:
@@ -61,14 +64,16 @@ def main() -> None:
         display = ConfusionMatrixDisplay.from_predictions(
             y_true, y_pred, normalize=normalize, values_format=".2f" if normalize else "d", colorbar=False
         )
-        display.ax_.set_title(f"{card['loss']}: test accuracy {metrics['accuracy']:.4f}")
+        accuracy = headline["test"]["accuracy"]
+        display.ax_.set_title(f"{card['loss']}: test accuracy {accuracy:.4f}")
         display.figure_.savefig(plots_dir / "confusion_matrix.png", dpi=100, bbox_inches="tight")
         plt.close(display.figure_)
-    atomic.write_json(METRICS, {k: _plain(v) for k, v in metrics.items()})
-    print(f"Test accuracy: {metrics['accuracy']:.4f}")
+        atomic.write_json(plots_dir / "scores.json", _plain(scores))
+    atomic.write_json(METRICS, _plain(headline))
+    print(f"Test accuracy: {accuracy:.4f}")
 
 
-def _plain(value: object) -> object:
+def _plain(value: Any) -> Any:
     """numpy scalars and nested dicts as JSON-ready Python numbers."""
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}

@@ -1,13 +1,15 @@
-"""Compare experiments: `dvc exp show --json` -> reports/compare.md and reports/compare.png.
+"""Compare experiments: `dvc.api.exp_show()` -> reports/compare.md and reports/compare.png.
 
 The table lists every experiment of the current commit (and the commit itself): loss,
-optimizer, learning rate, epochs, test accuracy, test loss, macro F1 and training time, best
-accuracy first. The picture overlays the per-epoch validation loss and validation accuracy
-of each experiment (colour = loss, line style = optimizer), read from the curves each
-experiment committed. With `--readme README.md` the table also replaces the block between
+optimizer, learning rate, epochs, test accuracy, test loss and macro F1, best accuracy first.
+The picture overlays the per-epoch validation loss and validation accuracy of each
+experiment (colour = loss, line style = optimizer), read from the curves each experiment
+committed. With `--readme README.md` the table also replaces the block between
 `<!-- compare:start -->` and `<!-- compare:end -->` there. Nothing is typed in by hand.
+It never shrinks a table: with fewer experiments than the table already shows (a fresh
+clone has none), it stops with one line unless `--replace` says to.
 
-    python -m stages.report [--out reports] [--readme README.md]
+    python -m stages.report [--out reports] [--readme README.md] [--replace]
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import dvc.api
 import matplotlib
 
 matplotlib.use("Agg")
@@ -28,6 +32,8 @@ from matplotlib.lines import Line2D
 
 from stages.lib import errors
 
+TRAIN_SUMMARY, SCORES = "metrics/train/metrics.json", "metrics/eval/scores.json"
+PARAM_SECTIONS = ("data", "normalize", "model", "train", "evaluate")
 CURVES = {
     "val_loss": "metrics/train/plots/metrics/eval/loss.tsv",
     "val_accuracy": "metrics/train/plots/metrics/eval/accuracy.tsv",
@@ -39,72 +45,72 @@ MARKERS = ("<!-- compare:start -->", "<!-- compare:end -->")
 class Experiment:
     name: str
     rev: str
-    params: dict
-    train: dict
-    test: dict
+    row: dict[str, Any]  # one row of dvc.api.exp_show(): params and the declared (test) metrics
+
+    def value(self, key: str) -> Any:
+        """A column of the row: DVC prefixes a name with its file only where two files share it."""
+        for column in (key, f"params.yaml:{key}", f"metrics/eval.json:{key}"):
+            if column in self.row:
+                value = self.row[column]
+                return None if value in ("None", "-", "") else value
+        return None
+
+    def committed(self, path: str) -> dict[str, Any]:
+        """A JSON output as this experiment committed it (metrics are git-tracked)."""
+        proc = subprocess.run(["git", "show", f"{self.rev}:{path}"], capture_output=True, text=True, check=False)
+        return json.loads(proc.stdout) if proc.returncode == 0 else {}
 
     def cell(self, column: str) -> str:
-        t, opt = self.params.get("train", {}), self.params.get("train", {}).get("optimizer", {})
+        opt_name, lr = self.value("train.optimizer.name"), self.value("train.optimizer.learning_rate")
+        extras = [
+            f"{k.rsplit('.', 1)[1]}={_number(v)}"
+            for k, v in self.row.items()
+            if k.startswith("train.optimizer.")
+            and k not in ("train.optimizer.name", "train.optimizer.learning_rate")
+            and v not in ("None", "-", None)
+        ]
         values = {
             "experiment": self.name,
-            "loss": t.get("loss"),
-            "optimizer": " ".join(
-                [str(opt.get("name"))] + [f"{k}={v}" for k, v in opt.items() if k not in ("name", "learning_rate")]
-            ),
-            "lr": opt.get("learning_rate"),
-            "epochs": self.train.get("epochs_run"),
-            "test accuracy": self.test.get("accuracy"),
-            "test loss": self.test.get("loss"),
-            "macro F1": self.test.get("f1_macro"),
-            "train time (s)": self.train.get("train_time_s"),
+            "loss": self.value("train.loss"),
+            "optimizer": " ".join([str(opt_name), *extras]),
+            "lr": _number(lr),
+            "epochs": self.committed(TRAIN_SUMMARY).get("epochs_run"),
+            "test accuracy": self.value("test.accuracy"),
+            "test loss": self.value("test.loss"),
+            "macro F1": self.committed(SCORES).get("f1_macro"),
         }
         value = values[column]
-        return f"{value:.4f}" if isinstance(value, float) and column not in ("lr", "train time (s)") else str(value)
+        return f"{value:.4f}" if isinstance(value, float) and column != "lr" else str(value)
 
 
-COLUMNS = (
-    "experiment",
-    "loss",
-    "optimizer",
-    "lr",
-    "epochs",
-    "test accuracy",
-    "test loss",
-    "macro F1",
-    "train time (s)",
-)
+COLUMNS = ("experiment", "loss", "optimizer", "lr", "epochs", "test accuracy", "test loss", "macro F1")
 
 
-def dvc(*args: str) -> str:
-    proc = subprocess.run(["dvc", *args], capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise errors.StageError(f"`dvc {' '.join(args)}` failed: {proc.stderr.strip() or proc.stdout.strip()}")
-    return proc.stdout
+def _number(value: Any) -> Any:
+    """exp_show gives every number as a float: 10.0 -> 10."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-def experiments(show: list[dict]) -> list[Experiment]:
-    """Baseline commits and their experiments, with results, from `dvc exp show --json`."""
-    found, baselines = [], set()
-    for baseline in show:
-        if baseline["rev"] == "workspace":
+def _params(exp: Experiment) -> dict[str, str]:
+    names = {k: k.removeprefix("params.yaml:") for k in exp.row}
+    return {n: str(exp.row[k]) for k, n in names.items() if "/" not in n and n.split(".")[0] in PARAM_SECTIONS}
+
+
+def experiments(rows: list[dict[str, Any]]) -> list[Experiment]:
+    """Finished experiments and baseline commits, from dvc.api.exp_show() rows, best test accuracy first."""
+    found = []
+    for row in rows:
+        if row.get("rev") == "workspace" or row.get("State") in ("Queued", "Running", "Failed"):
             continue
-        baselines.add(baseline["rev"])
-        entries = [(baseline.get("name") or baseline["rev"][:7], baseline)]
-        for exp in baseline.get("experiments") or []:
-            entries += [(exp.get("name") or r["rev"][:7], r) for r in exp.get("revs", [])]
-        for name, entry in entries:
-            data = entry.get("data") or {}
-            metrics = data.get("metrics") or {}
-            test = (metrics.get("metrics/eval.json") or {}).get("data")
-            if not test:  # failed, queued or never evaluated
-                continue
-            params = ((data.get("params") or {}).get("params.yaml") or {}).get("data", {})
-            train = (metrics.get("metrics/train/metrics.json") or {}).get("data", {})
-            found.append(Experiment(name, entry["rev"], params, train, test))
+        exp = Experiment(row.get("Experiment") or row["rev"], row["rev"], row)
+        if exp.value("test.accuracy") is None:  # never evaluated
+            continue
+        found.append(exp)
     # a commit whose params an experiment repeats is that experiment (DVC restores it from its run cache)
-    repeated = [e for e in found if any(o is not e and o.params == e.params for o in found) and e.rev in baselines]
+    baselines = [e for e in found if e.row.get("typ") == "baseline"]
+    repeated = [b for b in baselines if any(o is not b and _params(o) == _params(b) for o in found)]
     unique = [e for e in found if e not in repeated]
-    return sorted(unique, key=lambda e: -(e.test.get("accuracy") or 0))
+    return sorted(unique, key=lambda e: -(e.value("test.accuracy") or 0))
 
 
 def markdown(exps: list[Experiment]) -> str:
@@ -147,6 +153,11 @@ def plot(exps: list[Experiment], out: Path) -> None:
     plt.close(fig)
 
 
+def rows_shown(text: str) -> int:
+    """How many experiments a table written by `markdown` holds."""
+    return sum(1 for line in text.splitlines() if line.startswith("| ") and not line.startswith("| experiment |"))
+
+
 def update_readme(readme: Path, table: str, image: str) -> None:
     text = readme.read_text()
     start, end = MARKERS
@@ -160,10 +171,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("reports"), help="folder for compare.md and compare.png")
     parser.add_argument("--readme", type=Path, help="also fill the compare block of this README")
+    parser.add_argument("--replace", action="store_true", help="replace a table that shows more experiments")
     args = parser.parse_args()
-    exps = experiments(json.loads(dvc("exp", "show", "--json")))
+    exps = experiments(dvc.api.exp_show())
     if not exps:
         raise errors.StageError("no finished experiments to compare; run `make sweep` or `dvc exp run` first")
+    for existing in [args.out / "compare.md", *([args.readme] if args.readme else [])]:
+        shown = rows_shown(existing.read_text()) if existing.exists() else 0
+        if len(exps) < shown and not args.replace:
+            raise errors.StageError(
+                f"{existing} shows {shown} experiments but only {len(exps)} are here (experiments live in the "
+                "machine that ran them); nothing was changed. Run `make sweep` first, `dvc exp pull` them, "
+                "or pass --replace (make compare REPLACE=1) to overwrite"
+            )
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(exps)
     plot(exps, args.out / "compare.png")

@@ -4,7 +4,8 @@ Builds Flatten -> Dense(hidden_units, activation) [-> Dropout] -> Dense(10, outp
 from `model.*`, compiles it with the loss and optimizer from `train.*` (wired by the registry:
 label encoding, output activation, logits, metrics), and fits it with dvclive's
 `DVCLiveCallback`: per-epoch loss/accuracy curves (train and validation) and a summary with
-the final epoch, the best epoch and the training time. Seeded and deterministic on CPU.
+the final epoch and the best epoch. Seeded and deterministic on CPU: the same params give the
+same bytes; the training time goes to the log line and to git-ignored `metrics/timings.json`.
 What it saves stands on its own (`stages.lib.serving`): raw uint8 images in, probabilities
 out, with its card (`models/model.json`) and a SavedModel beside it.
 """
@@ -27,6 +28,7 @@ from stages.lib import atomic, datasets, errors, params, registry, serving
 DATA = Path("data/normalized/dataset.npz")
 STATS = Path("data/normalized/stats.json")
 LIVE_DIR = Path("metrics/train")
+TIMINGS = Path("metrics/timings.json")  # git-ignored, not a DVC output
 
 
 def build_model(p: params.Params) -> keras.Sequential:
@@ -89,7 +91,6 @@ def main() -> None:
             best = best_epoch(history, t.early_stopping.monitor)
             live.summary["epochs_run"] = len(history["loss"])
             live.summary["best"] = {"epoch": best + 1, **{k: v[best] for k, v in history.items()}}
-            live.summary["train_time_s"] = round(seconds, 2)
         # the loss's own output (softmax / sigmoid on logits), behind normalize's transform
         activation = registry.output_activation(
             registry.LOSSES[t.loss], "auto" if t.from_logits else p.model.output_activation, from_logits=False
@@ -98,6 +99,8 @@ def main() -> None:
         shipped = serving.standalone(model, stats, t, activation)
         serving.save(shipped, model_dir, serving.card(t.loss, activation, stats))
 
+    # Timings differ from run to run: they stay out of the tracked outputs (same params, same bytes).
+    atomic.write_json(TIMINGS, {"train_time_s": round(seconds, 2), "epochs_run": len(history["loss"])})
     print(f"trained {len(history['loss'])} epochs in {seconds:.1f}s; best epoch {best + 1} -> {serving.MODEL_DIR}/")
 
 
