@@ -8,13 +8,13 @@ PLOTS_PAGE := .dvc/plots/offline.html
 # The stages run as `python -m stages.<name>`: put the venv first on PATH for dvc.
 RUN    := PATH="$(CURDIR)/$(BIN):$$PATH"
 
-.PHONY: setup repro test lint sweep compare bench lock clean-venv predict
+.PHONY: setup repro test lint sweep compare bench lock clean-venv predict probe
 
 setup: $(STAMP) $(PLOTS_PAGE)
 
 $(STAMP): requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements.lock
 	@touch $@
 
 # DVC's plots page with Vega inlined from the pinned vl-convert-python: plots draw offline.
@@ -25,7 +25,7 @@ repro: setup
 	$(RUN) $(BIN)/dvc repro
 
 test: setup
-	$(RUN) $(BIN)/python -m pytest
+	$(RUN) $(BIN)/python -m pytest -n 2 --dist loadfile
 
 lint: setup
 	$(BIN)/ruff check .
@@ -44,12 +44,15 @@ sweep: setup
 compare: setup
 	$(RUN) $(BIN)/python -m stages.report --readme README.md $(if $(REPLACE),--replace)
 
-# Re-pin every dependency after changing pyproject.toml's list.
+# Re-pin after changing pyproject.toml's dependency list: every package with the sha256 of each
+# of its files on PyPI (setup installs with --require-hashes). Versions already in the lock are
+# kept unless the new list needs others; `make lock UPGRADE=1` takes the newest allowed.
+UV_VERSION := 0.13.9
 lock:
 	rm -rf /tmp/lock-venv && $(PYTHON) -m venv /tmp/lock-venv
-	/tmp/lock-venv/bin/pip install --quiet --disable-pip-version-check '.[dev]'
-	/tmp/lock-venv/bin/pip freeze --exclude keras-loss-lab > requirements.lock
-	rm -rf build *.egg-info
+	/tmp/lock-venv/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	/tmp/lock-venv/bin/uv pip compile pyproject.toml --extra dev --generate-hashes --python-version 3.11 \
+		$(if $(UPGRADE),--upgrade) -o requirements.lock
 
 clean-venv:
 	rm -rf $(VENV)
@@ -58,6 +61,10 @@ bench: setup
 	$(BIN)/python benchmarks/startup.py
 	$(BIN)/python benchmarks/t10k_accuracy.py
 	$(BIN)/python benchmarks/rendered_digits.py
+
+# ~100 bad inputs and faults through dvc exp run / dvc repro, counted (about 5 minutes)
+probe: setup
+	$(RUN) $(BIN)/python benchmarks/probe_bad_inputs.py
 
 # Read your own digit images with the trained model: make predict IMG="a.png b.jpg" [SHOW=seen.png]
 predict: setup

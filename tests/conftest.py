@@ -38,6 +38,18 @@ def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 600) -> 
     return proc
 
 
+def reset_worktree(repo: Path) -> None:
+    """Every tracked file as HEAD has it, and HEAD back on main.
+
+    `git checkout -- .` is not enough after `dvc exp run`: DVC can leave a changed file whose
+    index entry carries the new file's size and time but the old content, so git thinks it is
+    unchanged and skips it. Dropping the index first makes git compare and rewrite every file.
+    """
+    run(["git", "rm", "-r", "-q", "-f", "--cached", "."], repo)
+    run(["git", "reset", "-q", "--hard", "HEAD"], repo)
+    run(["git", "checkout", "-q", "main"], repo)
+
+
 def write_params(project: Path, overrides: dict) -> dict:
     """params.yaml of the project with `overrides` merged in, section by section (one level deep)."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())

@@ -108,13 +108,13 @@ def test_incompatible_combinations_are_rejected(raw: dict, key: str, fragment: s
     assert (error.key, fragment in str(error)) == (key, True), str(error)
 
 
-def test_good_combinations_and_yaml_11_exponents_are_accepted() -> None:
+def test_good_combinations_are_accepted() -> None:
     p = params.parse(
         {
             "train": {
                 "loss": "binary_crossentropy",
                 "from_logits": True,
-                "optimizer": {"name": "sgd", "learning_rate": "1e-2", "momentum": 0.9},
+                "optimizer": {"name": "sgd", "learning_rate": 1e-2, "momentum": 0.9},
             },
             "model": {"output_activation": "linear"},
         }

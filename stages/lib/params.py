@@ -1,6 +1,9 @@
 """Typed schema of params.yaml, validated whole before any stage does work.
 
-Every key has a type, a default and, where it matters, a range. `load()` returns frozen
+params.yaml is read as DVC reads and writes it: YAML 1.2 with ruamel.yaml (`1e-3` is a
+number, `yes`/`on` are strings, a duplicate key is an error), so whatever `dvc exp run -S`
+writes is read back as the user meant it. Every key has a type, a default and, where it
+matters, a range. `load()` returns frozen
 dataclasses or raises `ParamError` naming the dotted key: unknown keys (with a "did you mean"),
 wrong types, out-of-range values, unknown loss / optimizer / schedule names (listing the valid
 ones) and combinations that cannot work. TensorFlow-free, so download and normalize can
@@ -12,22 +15,25 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import operator
 import re
 import types
 import typing
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
 
 from stages.lib import registry
 from stages.lib.errors import ParamError
 
 PARAMS_FILE = Path("params.yaml")
-_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+SEED_LIMIT = 2**32  # numpy's and TensorFlow's seeds are unsigned 32-bit
 
 
 def bounded(
@@ -51,7 +57,7 @@ class DataParams:
     url: str | None = None  # override the location: a file URL, or a base URL for several files
     sha256: str | dict[str, str] | None = None  # override the checksum (a mapping for several files)
     test_fraction: float = bounded(0.2, gt=0, lt=1)  # mnist_sample only: held-out share, stratified
-    split_seed: int = 42
+    split_seed: int = bounded(42, ge=0, lt=SEED_LIMIT)
 
 
 @dataclass(frozen=True)
@@ -61,7 +67,7 @@ class NormalizeParams:
 
 @dataclass(frozen=True)
 class ModelParams:
-    hidden_units: list[int] = field(default_factory=lambda: [128], metadata={"ge": 1})  # range of each item
+    hidden_units: list[int] = field(default_factory=lambda: [128], metadata={"ge": 1, "le": 65536})  # each item
     activation: str = "relu"
     dropout: float = bounded(0.0, ge=0, lt=1)
     output_activation: str = "auto"  # auto or one of registry.OUTPUT_ACTIVATIONS
@@ -84,15 +90,15 @@ class TrainParams:
     optimizer: Named = field(default_factory=lambda: Named("adam", {"learning_rate": 0.001}))
     lr_schedule: Named = field(default_factory=lambda: Named("none"))
     early_stopping: EarlyStoppingParams = field(default_factory=EarlyStoppingParams)
-    epochs: int = bounded(10, ge=1)
-    batch_size: int = bounded(32, ge=1)
+    epochs: int = bounded(10, ge=1, le=100_000)
+    batch_size: int = bounded(32, ge=1, le=1_000_000)
     validation_split: float = bounded(0.1, ge=0, lt=1)
-    seed: int = 42
+    seed: int = bounded(42, ge=0, lt=SEED_LIMIT)
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    batch_size: int = bounded(256, ge=1)
+    batch_size: int = bounded(256, ge=1, le=1_000_000)
     confusion_normalize: Literal["none", "true", "pred", "all"] = "none"  # for the PNG only
 
 
@@ -108,12 +114,17 @@ class Params:
 def load(path: str | Path = PARAMS_FILE) -> Params:
     """Read and validate params.yaml; raise ParamError on the first problem."""
     try:
-        raw = yaml.safe_load(Path(path).read_text())
+        raw = YAML(typ="safe", pure=True).load(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ParamError("(file)", f"{path} not found; run from the project root") from None
-    except yaml.YAMLError as exc:
-        raise ParamError("(file)", f"not valid YAML: {exc}") from None
-    return parse(raw or {})
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ParamError("(file)", f"cannot read {path} ({exc})") from None
+    except YAMLError as exc:
+        problem = " ".join(str(getattr(exc, "problem", "") or exc).split())
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ParamError("(file)", f"not valid YAML{where}: {problem}") from None
+    return parse(raw if raw is not None else {})
 
 
 def parse(raw: Any) -> Params:
@@ -150,12 +161,18 @@ def _value(tp: Any, value: Any, key: str, limits: Mapping[str, Any]) -> Any:  # 
     if tp is Named:
         if not isinstance(value, Mapping) or not isinstance(value.get("name"), str):
             raise ParamError(key, f"expected a mapping with a 'name', got {value!r}")
-        return Named(value["name"], {k: _yaml12_number(v) for k, v in value.items() if k != "name"})
+        kwargs = {str(k): v for k, v in value.items() if k != "name"}
+        for name, v in kwargs.items():
+            _check_kwarg(v, f"{key}.{name}")
+        return Named(value["name"], kwargs)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
     if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ParamError(key, f"{value!r} is not allowed; choose one of: {', '.join(typing.get_args(tp))}")
+        choices = typing.get_args(tp)
+        if isinstance(value, bool) or value is None:  # `-S key=true` writes YAML's true, not "true"
+            value = {True: "true", False: "false", None: "none"}[value]
+        if value not in choices:
+            raise ParamError(key, f"{value!r} is not allowed; choose one of: {', '.join(choices)}")
         return value
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(tp):
@@ -178,8 +195,9 @@ def _value(tp: Any, value: Any, key: str, limits: Mapping[str, Any]) -> Any:  # 
         if not isinstance(value, Mapping):
             raise ParamError(key, f"expected a mapping, got {value!r}")
         _, item = typing.get_args(tp)
-        return {k: _value(item, v, _join(key, str(k)), {}) for k, v in value.items()}
+        return {str(k): _value(item, v, _join(key, str(k)), {}) for k, v in value.items()}
     if tp is Any:
+        _check_kwarg(value, key)
         return value
     if tp is bool:
         if not isinstance(value, bool):
@@ -196,11 +214,15 @@ def _value(tp: Any, value: Any, key: str, limits: Mapping[str, Any]) -> Any:  # 
     raise TypeError(f"schema type {tp!r} at {key} is not supported")  # a bug in this module
 
 
-def _yaml12_number(value: Any) -> Any:
-    """PyYAML (YAML 1.1) reads `1e-3` as a string; read it as the number YAML 1.2 and DVC see."""
-    if isinstance(value, str) and _FLOAT.fullmatch(value):
-        return float(value)
-    return value
+def _check_kwarg(value: Any, key: str) -> None:
+    """A value passed on to a Keras constructor: a finite number, true/false, a string, or a list of them."""
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_kwarg(item, f"{key}[{i}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ParamError(key, f"must be a finite number, got {value}")
+    elif value is not None and not isinstance(value, (bool, int, float, str)):
+        raise ParamError(key, f"expected a number, true/false, a string or a list of them, got {value!r}")
 
 
 def _type_name(tp: Any) -> str:
@@ -208,9 +230,10 @@ def _type_name(tp: Any) -> str:
 
 
 def _number(tp: type, value: Any, key: str) -> int | float:
-    value = _yaml12_number(value) if tp is float else value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (tp is int and isinstance(value, float)):
         raise ParamError(key, f"expected {_type_name(tp)}, got {value!r}")
+    if not math.isfinite(value):
+        raise ParamError(key, f"must be a finite number, got {value}")
     return tp(value)
 
 
@@ -237,10 +260,24 @@ def _one_of(key: str, value: str, allowed: typing.Iterable[str]) -> None:
         raise ParamError(key, f"unknown {value!r}{hint}; choose one of: {', '.join(allowed)}")
 
 
+def _check_url(url: str) -> None:
+    if not re.match(r"^(https?|file)://", url):
+        raise ParamError("data.url", f"{url!r} must start with http://, https:// or file://")
+    if any(c.isspace() for c in url):
+        raise ParamError("data.url", f"{url!r} contains a space; write it as %20")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0-65535
+    except ValueError as exc:
+        raise ParamError("data.url", f"{url!r} is not a valid URL ({exc})") from None
+    if parts.scheme != "file" and not parts.hostname:
+        raise ParamError("data.url", f"{url!r} has no host name")
+
+
 def _check_names_and_combinations(p: Params) -> None:
     d, t = p.data, p.train
-    if d.url is not None and not re.match(r"^(https?|file)://", d.url):
-        raise ParamError("data.url", f"{d.url!r} must start with http://, https:// or file://")
+    if d.url is not None:
+        _check_url(d.url)
     checksums = d.sha256.values() if isinstance(d.sha256, dict) else [d.sha256] if d.sha256 else []
     for value in checksums:
         if not re.fullmatch(r"[0-9a-f]{64}", value):

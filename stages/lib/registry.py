@@ -256,3 +256,41 @@ def make_schedule(train: TrainParams) -> keras.optimizers.schedules.LearningRate
         kwargs["initial_learning_rate"] = train.optimizer.kwargs.get("learning_rate", 0.001)
     _check_kwargs(kwargs, accepted, "train.lr_schedule", f"schedule '{sched.name}'")
     return _construct(cls, kwargs, "train.lr_schedule", f"schedule '{sched.name}'")
+
+
+def has_keras_arguments(train: TrainParams) -> bool:
+    """Whether `train` passes anything to Keras beyond the names and learning rate params.py checks."""
+    return bool(set(train.optimizer.kwargs) - {"learning_rate"} or train.loss_args or train.lr_schedule.name != "none")
+
+
+def trial(train: TrainParams) -> None:
+    """Build the loss, optimizer and schedule and take one training step on a toy model.
+
+    Catches what a signature check cannot: a value of the right type that Keras refuses only
+    once it trains (a list where a number belongs, a schedule argument out of range, ...).
+    """
+    import keras
+
+    optimizer, loss, metrics = make_optimizer(train), make_loss(train), make_metrics(train)
+    spec = LOSSES[train.loss]
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(NUM_CLASSES, activation=output_activation(spec, "auto", train.from_logits)),
+        ]
+    )
+    keys = ", ".join(
+        k
+        for k, used in (
+            ("train.optimizer", set(train.optimizer.kwargs) - {"learning_rate"}),
+            ("train.loss_args", train.loss_args),
+            ("train.lr_schedule", train.lr_schedule.name != "none"),
+        )
+        if used
+    )
+    try:
+        model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
+        model.train_on_batch(np.zeros((2, 4), np.float32), encode_labels(np.array([0, 1]), spec))
+    except Exception as exc:  # Keras' own complaint, whatever its type
+        message = " ".join(str(exc).split())[:300]
+        raise ParamError(keys or "train", f"Keras refused these settings in a one-step trial: {message}") from None

@@ -139,6 +139,8 @@ def load(folder: Path = MODEL_DIR) -> tuple[keras.Model, dict[str, Any]]:
     if not path.exists() or not card_path.exists():
         missing = path if not path.exists() else card_path
         raise StageError(f"{missing} not found; train a model first (dvc repro), or fetch one (dvc pull)")
+    if not zipfile.is_zipfile(path):
+        raise StageError(f"{path}: not a complete .keras file (truncated or damaged); `dvc checkout` it or retrain")
     try:
         model_card = json.loads(card_path.read_text())
         model = keras.saving.load_model(path, safe_mode=True)

@@ -1,0 +1,348 @@
+"""Try ~100 bad inputs and faults through `dvc exp run` and `dvc repro`, as a user would; count outcomes.
+
+Each case runs in a scratch git + DVC copy of the project (trained once at 1 epoch), and is
+classed by what the user saw and what was left:
+
+- clean: non-zero exit, one readable line (`error: ...` from a stage, or DVC's own refusal)
+- traceback: a Python traceback anywhere in the output
+- silent: exit 0 for an input that is wrong
+- lost: the model, the tracked metrics, the data or dvc.lock (other than check's own entry)
+  differ from before
+
+After each case the copy is restored (git reset, git checkout main, dvc checkout) and checked.
+
+    .venv/bin/python benchmarks/probe_bad_inputs.py [--keep DIR] [--only SUBSTRING]
+
+Prints one row per case and the totals; exits 1 if any case is not clean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ruamel.yaml import YAML
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ENV = {
+    **os.environ,
+    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    "GIT_AUTHOR_NAME": "probe",
+    "GIT_AUTHOR_EMAIL": "probe@example.invalid",
+    "GIT_COMMITTER_NAME": "probe",
+    "GIT_COMMITTER_EMAIL": "probe@example.invalid",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+}
+
+
+@dataclass
+class Case:
+    kind: str  # what a user does: exp run -S, edit params.yaml + repro, a data fault, a damaged output
+    name: str
+    prepare: Callable[[Path], list[str]]  # sets up the case in the repo, returns the command to run
+    checks_loss: bool = True  # False where the case itself damages an output
+
+
+def sh(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, check=False, timeout=600)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def exp(*changes: str) -> Callable[[Path], list[str]]:
+    return lambda repo: ["dvc", "exp", "run", *[a for c in changes for a in ("-S", c)]]
+
+
+def edit(transform: Callable[[str], str]) -> Callable[[Path], list[str]]:
+    def prepare(repo: Path) -> list[str]:
+        params = repo / "params.yaml"
+        params.write_bytes(transform(params.read_text()).encode("utf-8", "surrogateescape"))
+        return ["dvc", "repro"]
+
+    return prepare
+
+
+def data_file(content: bytes, *, with_sum: bool) -> Callable[[Path], list[str]]:
+    """data.url -> a local file with `content`; its real checksum too when `with_sum`."""
+
+    def prepare(repo: Path) -> list[str]:
+        path = repo.parent / f"input-{hashlib.md5(content).hexdigest()[:8]}.csv.gz"
+        path.write_bytes(content)
+        changes = [f"data.url={path.as_uri()}"]
+        if with_sum:
+            changes.append(f"data.sha256={hashlib.sha256(content).hexdigest()}")
+        return exp(*changes)(repo)
+
+    return prepare
+
+
+def damage(path: str, how: Callable[[bytes], bytes], command: list[str]) -> Callable[[Path], list[str]]:
+    def prepare(repo: Path) -> list[str]:
+        target = repo / path
+        data = target.read_bytes()
+        target.unlink()  # DVC may link outputs from its cache: never write through the link
+        target.write_bytes(how(data))
+        return command
+
+    return prepare
+
+
+PY = str(BIN / "python")
+CASES: list[Case] = []
+for change in [  # unknown keys and typos, added with -S +...
+    "+train.epoch=20",
+    "+train.batchsize=64",
+    "+train.lr=0.01",
+    "+train.optimiser=sgd",
+    "+model.hidden_unit=[64]",
+    "+model.activations=tanh",
+    "+data.sources=mnist",
+    "+normalize.methods=scale",
+    "+evaluate.batch=128",
+    "+foo.bar=1",
+    "+trian.epochs=3",
+]:
+    CASES.append(Case("unknown key", change, exp(change)))
+for change in [  # wrong types, YAML 1.1 habits included
+    "train.epochs=ten",
+    "train.epochs=2.5",
+    "train.epochs=true",
+    "train.batch_size=[32]",
+    "train.validation_split=abc",
+    "train.seed=4.2",
+    "model.hidden_units=128",
+    "model.hidden_units=[a]",
+    "model.dropout=high",
+    "model.activation=5",
+    "train.loss=3",
+    "train.from_logits=1",
+    "train.from_logits=yes",
+    "train.from_logits=on",
+    "train.early_stopping.enabled=off",
+    "train.early_stopping.patience=x",
+    "data.test_fraction=half",
+    "data.split_seed=x",
+    "evaluate.batch_size=null",
+    "train.optimizer=adam",
+    "train.lr_schedule=cosine",
+    "train.loss_args=[1]",
+]:
+    CASES.append(Case("wrong type", change, exp(change)))
+for change in [  # out of range
+    "train.epochs=0",
+    "train.epochs=-5",
+    "train.batch_size=0",
+    "train.validation_split=1",
+    "train.validation_split=-0.1",
+    "model.dropout=1",
+    "model.dropout=-0.5",
+    "data.test_fraction=0",
+    "data.test_fraction=1",
+    "train.seed=-1",
+    "train.seed=4294967296",
+    "data.split_seed=-3",
+    "model.hidden_units=[0]",
+    "model.hidden_units=[100000000]",
+    "train.optimizer.learning_rate=0",
+    "train.optimizer.learning_rate=-1",
+    "train.epochs=.inf",
+    "train.optimizer.learning_rate=.nan",
+    "evaluate.batch_size=0",
+]:
+    CASES.append(Case("out of range", change, exp(change)))
+for change in [  # unknown names
+    "train.loss=crossentropy",
+    "train.loss=binary_crossentropyy",
+    "train.optimizer.name=adamm",
+    "train.optimizer.name=Adam",
+    "train.lr_schedule.name=cosine",
+    "model.activation=relu6",
+    "model.output_activation=relu",
+    "data.source=cifar10",
+    "normalize.method=minmax",
+    "evaluate.confusion_normalize=rows",
+    "train.early_stopping.monitor=val_acc",
+]:
+    CASES.append(Case("unknown name", change, exp(change)))
+for changes in [  # combinations that cannot work
+    ("train.loss=binary_crossentropy", "model.output_activation=softmax"),
+    ("train.loss=kl_divergence", "train.from_logits=true"),
+    ("model.output_activation=sigmoid", "train.from_logits=true"),
+    ("train.loss=categorical_hinge", "model.output_activation=softmax"),
+    ("train.early_stopping.enabled=true", "train.validation_split=0"),
+    ("+train.lr_schedule.decay_steps=100",),
+]:
+    CASES.append(Case("combination", " ".join(changes), exp(*changes)))
+for changes in [  # Keras' own arguments
+    ("+train.optimizer.foo=1",),
+    ("+train.optimizer.momentum=0.9",),
+    ("+train.optimizer.clipnorm=abc",),
+    ("+train.optimizer.beta_1=high",),
+    ("train.optimizer.name=sgd", "+train.optimizer.nesterov=1"),
+    ("+train.loss_args.label_smoothing=0.1",),
+    ("+train.loss_args.from_logits=true",),
+    ("train.lr_schedule.name=exponential_decay",),
+    (
+        "train.lr_schedule.name=exponential_decay",
+        "+train.lr_schedule.decay_steps=-5",
+        "+train.lr_schedule.decay_rate=0.9",
+    ),
+    ("+train.optimizer.clipnorm=[1,2]",),
+]:
+    CASES.append(Case("keras argument", " ".join(changes), exp(*changes)))
+for change in [  # data locations and checksums
+    "data.url=http://host:80a/x",
+    "data.url=http://my host/x",
+    "data.url=ftp://example.org/x.gz",
+    "data.url=http:///x.gz",
+    "data.sha256=abc",
+    "data.sha256=" + "Z" * 64,
+    "data.url=file:///nonexistent/mnist_5k.csv.gz",
+]:
+    CASES.append(Case("data location", change, exp(change)))
+CASES += [
+    Case("data fault", "not a gzip file", data_file(b"not a gzip file", with_sum=False)),
+    Case("data fault", "not a gzip file, its checksum given", data_file(b"not a gzip file", with_sum=True)),
+    Case("data fault", "gzip of a wrong CSV", data_file(gzip.compress(b"1,2,3\n4,5,6\n"), with_sum=True)),
+    Case("data fault", "gzip of text", data_file(gzip.compress(b"hello\nworld\n"), with_sum=True)),
+    Case("data fault", "truncated gzip", data_file(gzip.compress(b"1,2,3\n" * 1000)[:40], with_sum=True)),
+    Case("data fault", "empty file", data_file(b"", with_sum=True)),
+    Case("data fault", "mnist, offline (no network here)", exp("data.source=mnist")),
+]
+CASES += [
+    Case("params.yaml edit", "a duplicate section", edit(lambda t: t + "train:\n  epochs: 3\n")),
+    Case("params.yaml edit", "an unclosed bracket", edit(lambda t: t.replace("[128]", "[128"))),
+    Case("params.yaml edit", "a tab for indentation", edit(lambda t: t.replace("\n  epochs: 1\n", "\n\tepochs: 1\n"))),
+    Case("params.yaml edit", "a list, not a mapping", edit(lambda t: "- data\n- train\n")),
+    Case("params.yaml edit", "bytes that are not UTF-8", edit(lambda t: t + "# caf\udce9\n")),
+    Case("params.yaml edit", "a typo'd section", edit(lambda t: t.replace("evaluate:", "evalute:"))),
+    Case("params.yaml edit", "yes for a boolean", edit(lambda t: t.replace("from_logits: false", "from_logits: no"))),
+]
+CASES += [
+    Case(
+        "damaged output",
+        "truncated model, evaluate by hand",
+        damage("models/model.keras", lambda b: b[: len(b) // 3], [PY, "-m", "stages.evaluate"]),
+        checks_loss=False,
+    ),
+    Case(
+        "damaged output",
+        "garbage model card, evaluate by hand",
+        damage("models/model.json", lambda b: b"{not json", [PY, "-m", "stages.evaluate"]),
+        checks_loss=False,
+    ),
+    Case(
+        "damaged output",
+        "truncated raw data, normalize by hand",
+        damage("data/raw/dataset.npz", lambda b: b[:1000], [PY, "-m", "stages.normalize"]),
+        checks_loss=False,
+    ),
+    Case(
+        "damaged output",
+        "truncated normalized data, train by hand",
+        damage("data/normalized/dataset.npz", lambda b: b[:5000], [PY, "-m", "stages.train"]),
+        checks_loss=False,
+    ),
+    Case(
+        "damaged output",
+        "model card of an unknown loss, predict",
+        damage(
+            "models/model.json",
+            lambda b: b'{"loss": "nope"}',
+            [PY, "-m", "stages.predict", "data/examples/digit-1.png"],
+        ),
+        checks_loss=False,
+    ),
+]
+
+
+def snapshot(repo: Path) -> dict[str, str]:
+    files = [
+        p for d in ("models", "metrics", "data/raw", "data/normalized") for p in (repo / d).rglob("*") if p.is_file()
+    ]
+    out = {str(p.relative_to(repo)): hashlib.md5(p.read_bytes()).hexdigest() for p in files if p.name != "timings.json"}
+    lock = YAML(typ="safe").load((repo / "dvc.lock").read_text())["stages"]
+    lock.pop("check", None)  # a check that passed records its params: true, and harmless
+    out["dvc.lock"] = repr(lock)
+    return out
+
+
+def restore(repo: Path, baseline: dict[str, str]) -> None:
+    sh(["git", "rm", "-r", "-q", "-f", "--cached", "."], repo)  # see tests/conftest.py: reset_worktree
+    sh(["git", "reset", "-q", "--hard", "HEAD"], repo)
+    sh(["git", "checkout", "-q", "main"], repo)
+    sh(["dvc", "checkout", "--force"], repo, check=False)
+    if snapshot(repo) != baseline:
+        raise RuntimeError("the scratch copy could not be restored")
+
+
+def classify(case: Case, proc: subprocess.CompletedProcess[str], lost: bool) -> tuple[str, str]:
+    output = proc.stdout + proc.stderr
+    lines = [line for line in output.splitlines() if line.startswith(("error: ", "ERROR: "))]
+    said = lines[0] if lines else (output.strip().splitlines() or [""])[-1]
+    if "Traceback (most recent call last)" in output:
+        return "traceback", said
+    if lost:
+        return "lost", said
+    if proc.returncode == 0:
+        return "silent", said
+    return ("clean" if lines else "no message"), said
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keep", type=Path, help="build the scratch copy here and keep it")
+    parser.add_argument("--only", help="run only the cases whose name contains this")
+    args = parser.parse_args()
+    base = args.keep or Path(tempfile.mkdtemp(prefix="probe-"))
+    repo = base / "repo"
+    files = sh(["git", "ls-files", "--cached", "--others", "--exclude-standard"], ROOT).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file() and not name.startswith(("tests/", "benchmarks/", "reports/")):
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, repo / name)
+    params = (repo / "params.yaml").read_text()
+    (repo / "params.yaml").write_text(params.replace("\n  epochs: 10\n", "\n  epochs: 1\n"))  # quick to train
+    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "p"]):
+        sh(cmd, repo)
+    sh(["dvc", "repro"], repo)
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "repro"], repo)
+    baseline = snapshot(repo)
+
+    cases = [c for c in CASES if not args.only or args.only in c.name]
+    counts: Counter[str] = Counter()
+    print("| # | kind | input | outcome | what the user saw | s |")
+    print("|---|---|---|---|---|---|")
+    for i, case in enumerate(cases, 1):
+        start = time.perf_counter()
+        cmd = case.prepare(repo)
+        proc = sh(cmd, repo, check=False)
+        lost = case.checks_loss and snapshot(repo) != baseline
+        outcome, said = classify(case, proc, lost)
+        counts[outcome] += 1
+        said = said.replace("|", "/")[:150]
+        print(f"| {i} | {case.kind} | `{case.name}` | {outcome} | {said} | {time.perf_counter() - start:.1f} |")
+        sys.stdout.flush()
+        restore(repo, baseline)
+    print(f"\n{len(cases)} cases: " + ", ".join(f"{counts[k]} {k}" for k in sorted(counts)))
+    if not args.keep:
+        shutil.rmtree(base, ignore_errors=True)
+    sys.exit(0 if counts["clean"] == len(cases) else 1)
+
+
+if __name__ == "__main__":
+    main()

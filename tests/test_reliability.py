@@ -1,0 +1,330 @@
+"""Bad input gets one clear line and nothing is lost: the schema under generated input, YAML as DVC
+writes it, downloads that survive transient faults, atomic writes under SIGKILL, one-line errors."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import http.server
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from ruamel.yaml import YAML
+
+from stages.lib import atomic, datasets, params
+from stages.lib.errors import DataError, ParamError
+from tests.conftest import ROOT, run
+
+DEFAULTS = YAML(typ="safe", pure=True).load((ROOT / "params.yaml").read_text())
+
+# --- the schema, under generated input -------------------------------------------------------
+
+ODD_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(["yes", "no", "on", "off", "1e-3", "0x1F", "~", "", "true", "None", "adam", "sgd", "relu"]),
+    st.text(max_size=12),
+)
+VALUES = st.one_of(
+    ODD_SCALARS,
+    st.lists(ODD_SCALARS, max_size=3),
+    st.dictionaries(st.sampled_from(["name", "a", "learning_rate", "momentum"]), ODD_SCALARS, max_size=3),
+)
+
+
+def paths(tree: dict, prefix: tuple = ()) -> list[tuple]:
+    out = []
+    for key, value in tree.items():
+        out.append((*prefix, key))
+        if isinstance(value, dict):
+            out += paths(value, (*prefix, key))
+    return out
+
+
+KNOWN_PATHS = paths(DEFAULTS)
+
+
+@st.composite
+def mutated_params(draw: st.DrawFn) -> dict:
+    """The default params.yaml with a few keys replaced, removed or added (typos included)."""
+    raw = copy.deepcopy(DEFAULTS)
+    for _ in range(draw(st.integers(1, 3))):
+        path = draw(st.sampled_from(KNOWN_PATHS))
+        parent = raw
+        for key in path[:-1]:
+            parent = parent.get(key) if isinstance(parent, dict) else None
+        if not isinstance(parent, dict):
+            continue
+        action = draw(st.sampled_from(["replace", "remove", "add", "typo"]))
+        if action == "replace":
+            parent[path[-1]] = draw(VALUES)
+        elif action == "remove":
+            parent.pop(path[-1], None)
+        elif action == "add":
+            parent[draw(st.text(min_size=1, max_size=8))] = draw(VALUES)
+        else:
+            parent[path[-1] + draw(st.sampled_from(["s", "_", "x"]))] = parent.pop(path[-1], 1)
+    return raw
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated_params())
+def test_any_params_mapping_validates_or_names_the_dotted_key(raw: dict) -> None:
+    try:
+        params.parse(raw)
+    except ParamError as exc:
+        assert exc.key and "\n" not in str(exc)
+        assert str(exc).startswith(f"params.yaml: {exc.key}: ")
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(
+    path=st.sampled_from(KNOWN_PATHS),
+    scalar=st.sampled_from(["yes", "on", "off", "1e-3", ".nan", "-.inf", "0o17", "~", "[]", "2026-11-29"]),
+)
+def test_odd_yaml_scalars_in_a_file_validate_or_name_the_key(path: tuple, scalar: str, tmp_path_factory) -> None:
+    """Scalars as a person (or `dvc exp run -S`) writes them, read as YAML 1.2, as DVC does."""
+    raw = copy.deepcopy(DEFAULTS)
+    parent = raw
+    for key in path[:-1]:
+        parent = parent[key]
+    parent[path[-1]] = "@@"
+    text = json.dumps(raw).replace('"@@"', scalar)  # JSON is YAML: one odd scalar in a valid document
+    file = tmp_path_factory.mktemp("p") / "params.yaml"
+    file.write_text(text)
+    try:
+        params.load(file)
+    except ParamError as exc:
+        assert "\n" not in str(exc) and exc.key
+
+
+def load_text(tmp_path: Path, text: str) -> params.Params:
+    (tmp_path / "params.yaml").write_text(textwrap.dedent(text))
+    return params.load(tmp_path / "params.yaml")
+
+
+def test_yaml_is_read_as_dvc_writes_it(tmp_path: Path) -> None:
+    """YAML 1.2: exponents are numbers, `true` fits a choice named 'true', yes/on are not booleans."""
+    p = load_text(
+        tmp_path,
+        """
+        train: {optimizer: {name: sgd, learning_rate: 1e-1}, loss_args: {}}
+        evaluate: {confusion_normalize: true}
+        """,
+    )
+    assert p.train.optimizer.kwargs["learning_rate"] == 0.1 and p.evaluate.confusion_normalize == "true"
+    with pytest.raises(ParamError, match=r"train.from_logits: expected true or false, got 'yes'"):
+        load_text(tmp_path, "train: {from_logits: yes}\n")
+    with pytest.raises(ParamError, match=r"\(file\): not valid YAML at line 3, column 1: found duplicate key"):
+        load_text(tmp_path, "train:\n  epochs: 3\ntrain:\n  epochs: 4\n")
+
+
+@pytest.mark.parametrize(
+    ("raw", "key", "fragment"),
+    [
+        ({"train": {"seed": -1}}, "train.seed", "must be >= 0"),
+        ({"train": {"seed": 2**32}}, "train.seed", "must be < 4294967296"),
+        ({"data": {"split_seed": 2**40}}, "data.split_seed", "must be <"),
+        ({"train": {"epochs": float("inf")}}, "train.epochs", "expected an integer"),
+        ({"train": {"validation_split": float("nan")}}, "train.validation_split", "finite"),
+        ({"train": {"optimizer": {"name": "sgd", "momentum": float("nan")}}}, "train.optimizer.momentum", "finite"),
+        ({"train": {"loss_args": {"label_smoothing": {"a": 1}}}}, "train.loss_args.label_smoothing", "expected"),
+        ({"model": {"hidden_units": [10**9]}}, "model.hidden_units[0]", "must be <= 65536"),
+        ({"data": {"url": "http://host:80a/x"}}, "data.url", "not a valid URL"),
+        ({"data": {"url": "http://my host/x"}}, "data.url", "contains a space"),
+        ({"data": {"url": "http:///x.npz"}}, "data.url", "has no host"),
+    ],
+)
+def test_values_that_used_to_give_tracebacks_are_one_line_errors(raw: dict, key: str, fragment: str) -> None:
+    with pytest.raises(ParamError) as exc:
+        params.parse(raw)
+    assert exc.value.key == key and fragment in str(exc.value), str(exc.value)
+
+
+# --- downloads: retries against a real server that fails, then serves ------------------------
+
+
+class FlakyHandler(http.server.BaseHTTPRequestHandler):
+    """Fails the first `failures` requests (503, or a connection dropped mid-body), then serves."""
+
+    body = b"x" * 200_000
+    failures = 2
+    mode = "503"
+    seen = 0
+
+    def do_GET(self) -> None:
+        cls = type(self)
+        cls.seen += 1
+        if cls.seen <= cls.failures and cls.mode == "503":
+            self.send_error(503, "busy")
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(cls.body)))
+        self.end_headers()
+        if cls.seen <= cls.failures:  # "drop": half the body, then the connection closes
+            self.wfile.write(cls.body[: len(cls.body) // 2])
+            self.wfile.flush()
+            self.connection.close()
+            return
+        self.wfile.write(cls.body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def flaky(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, type[FlakyHandler]]]:
+    monkeypatch.setattr(datasets, "BACKOFF_S", 0.01)
+    handler = type("Handler", (FlakyHandler,), {"seen": 0})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/file.bin", handler
+    server.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["503", "drop"])
+def test_a_download_that_fails_twice_then_serves_succeeds(flaky: tuple, mode: str, tmp_path: Path, capsys) -> None:
+    url, handler = flaky
+    handler.mode = mode
+    dest = tmp_path / "file.bin"
+    datasets.fetch(url, dest, hashlib.sha256(FlakyHandler.body).hexdigest())
+    assert dest.read_bytes() == FlakyHandler.body and handler.seen == 3
+    assert capsys.readouterr().err.count("retrying in") == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]
+
+
+def test_a_download_that_keeps_failing_stops_with_one_line(flaky: tuple, tmp_path: Path) -> None:
+    url, handler = flaky
+    handler.failures = 99
+    with pytest.raises(DataError, match=r"HTTP 503 .*\(tried 4 times\)\. Offline\?") as exc:
+        datasets.fetch(url, tmp_path / "file.bin", "0" * 64)
+    assert handler.seen == 4 and "\n" not in str(exc.value) and list(tmp_path.iterdir()) == []
+
+
+def test_corrupt_and_malformed_downloads_are_data_errors(tmp_path: Path) -> None:
+    import gzip
+    import zlib
+
+    bad = tmp_path / "mnist_5k.csv.gz"
+    bad.write_bytes(gzip.compress(b"1,2,3\nnot,a,number\n"))
+    with pytest.raises(DataError, match="not a gzipped CSV"):
+        datasets.read_sample_csv({"mnist_5k.csv.gz": bad}, params.DataParams())
+    bad.write_bytes(b"\x1f\x8b\x08\x00" + zlib.compress(b"garbage")[2:])  # a gzip header, a broken stream
+    with pytest.raises(DataError, match="not a gzipped CSV"):
+        datasets.read_sample_csv({"mnist_5k.csv.gz": bad}, params.DataParams())
+    (tmp_path / "x.npz").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(DataError, match="corrupt or truncated"):
+        datasets.load_npz(tmp_path / "x.npz")
+
+
+# --- atomic writes under SIGKILL --------------------------------------------------------------
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from stages.lib import atomic
+out = Path(sys.argv[1])
+for generation in range(1, 10**6):
+    with atomic.target(out) as tmp:
+        tmp.mkdir()
+        for i in range(40):
+            (tmp / f"part{i}.txt").write_text(f"{generation}\\n" * 2000)
+        (tmp / "DONE").write_text(str(generation))
+"""
+
+
+def test_sigkill_mid_write_leaves_the_old_or_the_new_folder_never_a_mix(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for attempt in range(8):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(out)], env=env)
+        time.sleep(0.6 + 0.13 * attempt)  # a different moment of the write each time
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        atomic.recover(out)  # what the next write does first
+        generation = (out / "DONE").read_text()
+        parts = {p.read_text() for p in out.glob("part*.txt")}
+        assert len(list(out.glob("part*.txt"))) == 40 and parts == {f"{generation}\n" * 2000}, attempt
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary outlives recovery
+
+
+def test_a_file_write_that_fails_leaves_the_previous_file(tmp_path: Path) -> None:
+    target = tmp_path / "metrics.json"
+    atomic.write_json(target, {"accuracy": 0.9})
+    with pytest.raises(TypeError):
+        atomic.write_json(target, {"accuracy": object()})
+    assert json.loads(target.read_text()) == {"accuracy": 0.9}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+# --- the stage wrapper: one line for every kind of failure -----------------------------------
+
+
+def test_a_write_error_is_one_line_and_exit_2(project: Path) -> None:
+    (project / "data").mkdir()
+    (project / "data/raw").write_text("a file where the stage needs a folder")
+    proc = run([sys.executable, "-m", "stages.download"], project, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot read or write ")
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_file_size_limit_is_one_line_not_a_silent_kill(project: Path) -> None:
+    proc = subprocess.run(
+        ["bash", "-c", f"ulimit -f 100 && exec {sys.executable} -m stages.download"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ""},
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "File too large" in proc.stderr.strip().splitlines()[-1]
+    assert not (project / "data/raw/dataset.npz").exists()
+
+
+def test_two_runs_of_a_stage_in_one_folder_the_second_says_why(project: Path) -> None:
+    (project / ".dvc").mkdir()
+    first = subprocess.Popen(
+        [sys.executable, "-c", "from stages.lib import errors; import time; errors.run(lambda: time.sleep(30))"],
+        cwd=project,
+    )
+    try:
+        time.sleep(1.0)
+        second = run([sys.executable, "-c", "from stages.lib import errors; errors.run(lambda: None)"], project, False)
+        assert second.returncode == 2
+        assert second.stderr.startswith("error: another `-c` is running in this folder;")
+        assert "dvc exp run --queue" in second.stderr
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_sigterm_is_one_line_and_exit_143(project: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from stages.lib import errors; import time; errors.run(lambda: time.sleep(30))"],
+        cwd=project,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 143
+    assert stderr.strip() == (
+        "terminated (SIGTERM, or dvc was stopped): the previous outputs are kept; run it again (dvc repro) to recover"
+    )

@@ -1,0 +1,205 @@
+"""Safe experiments, through the real `dvc repro` and `dvc exp run`: every params change is checked
+before an output is touched, a failed or interrupted run loses nothing, YAML is read as DVC writes it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from ruamel.yaml import YAML
+
+from tests.conftest import ENV, ROOT, VENV_BIN, reset_worktree, run, write_params
+from tests.test_pipeline import tracked_files
+
+pytestmark = pytest.mark.slow
+
+
+def snapshot(repo: Path) -> dict[str, bytes]:
+    """What must not be lost: the model, the tracked metrics and dvc.lock, byte for byte."""
+    files = [repo / "dvc.lock", *sorted(p for d in ("models", "metrics") for p in (repo / d).rglob("*") if p.is_file())]
+    return {str(p.relative_to(repo)): p.read_bytes() for p in files if p.name != "timings.json"}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("safe")
+    for name in tracked_files():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, path / name)
+    write_params(path, {"train": {"epochs": 1}})
+    run(["git", "init", "-q", "-b", "main"], path)
+    run(["git", "add", "-A"], path)
+    run(["git", "commit", "-qm", "project"], path)
+    run(["dvc", "repro"], path)
+    run(["git", "add", "-A"], path)
+    run(["git", "commit", "-qm", "dvc repro, 1 epoch"], path)
+    return path
+
+
+def assert_nothing_lost(before: dict[str, bytes], after: dict[str, bytes]) -> None:
+    """Every output byte for byte, and every stage's entry in dvc.lock but check's.
+
+    A run whose params pass `check` and that fails (or is stopped) later leaves DVC's record that
+    check ran with those params: true, and harmless. Everything that did work is as it was.
+    """
+    before, after = dict(before), dict(after)
+    locks = [YAML(typ="safe").load(d.pop("dvc.lock"))["stages"] for d in (before, after)]
+    for lock in locks:
+        lock.pop("check")
+    assert after == before
+    assert locks[1] == locks[0]
+
+
+def restore(repo: Path) -> None:
+    # A `dvc exp run` killed by SIGTERM/SIGKILL cannot clean up: DVC leaves HEAD detached at the
+    # baseline with its changes staged. `git checkout main` is the user's way back (README).
+    reset_worktree(repo)
+    run(["dvc", "checkout", "--force"], repo)
+    assert "Data and pipelines are up to date." in run(["dvc", "status"], repo).stdout
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("+train.epoch=20", "error: params.yaml: train.epoch: unknown key; did you mean 'epochs'?"),
+        ("+model.hidden_unit=[64]", "error: params.yaml: model.hidden_unit: unknown key; did you mean 'hidden_units'?"),
+        ("+train.optimizer.foo=1", "error: params.yaml: train.optimizer.foo: not a parameter of optimizer 'adam'"),
+        ("+train.optimizer.clipnorm=abc", "error: params.yaml: train.optimizer: Keras refused these settings"),
+        ("train.seed=-1", "error: params.yaml: train.seed: must be >= 0, got -1"),
+        ("train.from_logits=yes", "error: params.yaml: train.from_logits: expected true or false, got 'yes'"),
+    ],
+)
+def test_a_bad_change_stops_exp_run_at_the_check_and_nothing_changes(repo: Path, change: str, message: str) -> None:
+    before = snapshot(repo)
+    proc = run(["dvc", "exp", "run", "-S", change], repo, check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and message in output, output
+    assert "Running stage 'train'" not in output and "Traceback" not in output
+    assert snapshot(repo) == before
+    restore(repo)
+
+
+def test_a_bad_edit_stops_dvc_repro_before_anything_runs(repo: Path) -> None:
+    before = snapshot(repo)
+    text = (repo / "params.yaml").read_text()
+    (repo / "params.yaml").write_text(text + "train:\n  epochs: 3\n")  # a second `train:` section
+    proc = run(["dvc", "repro"], repo, check=False)  # DVC reads params.yaml itself first, and refuses
+    assert proc.returncode != 0 and 'found duplicate key "train"' in proc.stderr
+    assert "Running stage" not in proc.stdout
+    assert snapshot(repo) == before
+    by_hand = run([str(VENV_BIN / "python"), "-m", "stages.check"], repo, check=False)
+    assert by_hand.returncode == 2
+    assert by_hand.stderr.strip().startswith("error: params.yaml: (file): not valid YAML at line 37, column 1:")
+    restore(repo)
+
+
+def test_what_dvc_exp_run_s_writes_is_read_as_meant_and_a_valid_change_reruns_only_its_stages(repo: Path) -> None:
+    png = (repo / "metrics/eval/confusion_matrix.png").read_bytes()
+    proc = run(["dvc", "exp", "run", "-S", "evaluate.confusion_normalize=true"], repo)  # YAML 1.2's `true`
+    assert "Running stage 'evaluate'" in proc.stdout and "Running stage 'train'" not in proc.stdout
+    assert (repo / "metrics/eval/confusion_matrix.png").read_bytes() != png
+    proc = run(["dvc", "exp", "run", "-S", "train.optimizer.learning_rate=2e-3"], repo)  # YAML 1.2's 0.002
+    ran = [s for s in ("check", "download", "normalize", "train", "evaluate") if f"Running stage '{s}'" in proc.stdout]
+    assert ran == ["check", "train", "evaluate"]
+    assert "learning_rate: 0.002" in (repo / "params.yaml").read_text()
+    restore(repo)
+
+
+def test_a_failed_download_keeps_the_data(repo: Path, tmp_path: Path) -> None:
+    (tmp_path / "not-mnist.csv.gz").write_text("this is not a gzip file")
+    before = snapshot(repo) | {"raw": (repo / "data/raw/dataset.npz").read_bytes()}
+    url = (tmp_path / "not-mnist.csv.gz").as_uri()
+    proc = run(["dvc", "exp", "run", "-S", f"data.url={url}", "-S", "data.sha256=null"], repo, check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "error: checksum mismatch for file://" in output, output
+    assert "Traceback" not in output
+    assert_nothing_lost(before, snapshot(repo) | {"raw": (repo / "data/raw/dataset.npz").read_bytes()})
+    restore(repo)
+
+
+def train_processes(repo: Path) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline", "cwd"]):
+        try:
+            if "stages.train" in " ".join(proc.info["cmdline"] or []) and proc.info["cwd"] == str(repo):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(repo: Path) -> dict[str, bytes]:
+    """The outputs of a 3-epoch run that nothing interrupts."""
+    write_params(repo, {"train": {"epochs": 3}})
+    run(["dvc", "repro"], repo)
+    outputs = {k: v for k, v in snapshot(repo).items() if k != "dvc.lock"}
+    restore(repo)
+    return outputs
+
+
+MESSAGES = {
+    signal.SIGINT: "interrupted (Ctrl-C): the previous outputs are kept",
+    signal.SIGTERM: "terminated (SIGTERM, or dvc was stopped): the previous outputs are kept",
+    signal.SIGKILL: "terminated (SIGTERM, or dvc was stopped): the previous outputs are kept",
+}
+
+
+@pytest.mark.parametrize("command", ["repro", "exp run"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["SIGINT", "SIGTERM", "SIGKILL"])
+def test_stopping_dvc_during_train_keeps_the_previous_outputs_and_leaves_no_process(
+    repo: Path, uninterrupted: dict[str, bytes], command: str, sig: signal.Signals
+) -> None:
+    before = snapshot(repo)
+    if command == "repro":
+        write_params(repo, {"train": {"epochs": 3}})
+        cmd = ["dvc", "repro"]
+    else:
+        cmd = ["dvc", "exp", "run", "-S", "train.epochs=3"]
+    dvc = subprocess.Popen(
+        cmd,
+        cwd=repo,
+        env={**ENV, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, as a shell gives a foreground job
+    )
+    assert dvc.stdout is not None
+    seen = []
+    for line in dvc.stdout:
+        seen.append(line)
+        if line.startswith("Epoch 1/3"):
+            break
+    else:
+        pytest.fail("train never started:\n" + "".join(seen))
+    if sig == signal.SIGINT:
+        os.killpg(dvc.pid, sig)  # Ctrl-C: the terminal signals the whole foreground job
+    else:
+        dvc.send_signal(sig)  # `kill` / `kill -9` of dvc alone
+    rest, _ = dvc.communicate(timeout=120)  # returns once dvc and the stage have both closed the pipe
+    output = "".join(seen) + rest
+    deadline = time.monotonic() + 30
+    while train_processes(repo) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert train_processes(repo) == [], "a stage outlived dvc"
+    assert MESSAGES[sig] in output, output
+    assert "Traceback" not in output
+    assert_nothing_lost(before, snapshot(repo))
+    if sig != signal.SIGKILL:  # the recovery below is the same after each signal; the hardest one shows it
+        restore(repo)
+        return
+
+    run(["git", "checkout", "-q", "--", "params.yaml"], repo)
+    write_params(repo, {"train": {"epochs": 3}})
+    run(["dvc", "repro"], repo)  # recovers: the same result as a run nothing interrupted
+    assert {k: v for k, v in snapshot(repo).items() if k != "dvc.lock"} == uninterrupted
+    leftovers = [p.name for d in (repo, repo / "models", repo / "metrics") for p in d.iterdir() if ".tmp" in p.name]
+    assert leftovers == []
+    restore(repo)
