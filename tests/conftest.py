@@ -38,6 +38,36 @@ def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 600) -> 
     return proc
 
 
+def tracked_files() -> list[str]:
+    """The project as a fresh clone has it (tracked and not-ignored files), outputs excluded."""
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return [f for f in out if (ROOT / f).is_file() and not f.startswith(("tests/", "benchmarks/", "reports/"))]
+
+
+def dvc_project(path: Path) -> subprocess.CompletedProcess[str]:
+    """A git + DVC copy of the project at `path`, `dvc repro` run once at 1 epoch and committed.
+
+    Returns that `dvc repro`'s output.
+    """
+    for name in tracked_files():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, path / name)
+    write_params(path, {"train": {"epochs": 1}})
+    run(["git", "init", "-q", "-b", "main"], path)
+    run(["git", "add", "-A"], path)
+    run(["git", "commit", "-qm", "project"], path)
+    proc = run(["dvc", "repro"], path)
+    run(["git", "add", "-A"], path)
+    run(["git", "commit", "-qm", "dvc repro, 1 epoch"], path)
+    return proc
+
+
 def reset_worktree(repo: Path) -> None:
     """Every tracked file as HEAD has it, and HEAD back on main.
 

@@ -17,40 +17,19 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score
 
-from tests.conftest import ENV, ROOT, VENV_BIN, reset_worktree, run, write_params
+from tests.conftest import ENV, VENV_BIN, dvc_project, reset_worktree, run, write_params
 
 pytestmark = pytest.mark.slow
-
-
-def tracked_files() -> list[str]:
-    """The project as a fresh clone has it (tracked and not-ignored files), outputs excluded."""
-    out = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    return [f for f in out if (ROOT / f).is_file() and not f.startswith(("tests/", "benchmarks/", "reports/"))]
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A git + DVC copy of the project with `dvc repro` run once at 1 epoch."""
     path = tmp_path_factory.mktemp("repo")
-    for name in tracked_files():
-        (path / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, path / name)
-    write_params(path, {"train": {"epochs": 1}})
-    run(["git", "init", "-q", "-b", "main"], path)
-    run(["git", "add", "-A"], path)
-    run(["git", "commit", "-qm", "project"], path)
-    proc = run(["dvc", "repro"], path)
-    for stage in ("download", "normalize", "train", "evaluate"):
+    proc = dvc_project(path)
+    for stage in ("check", "download", "normalize", "train", "evaluate"):
         assert f"Running stage '{stage}'" in proc.stdout
     assert "Test accuracy: " in proc.stdout
-    run(["git", "add", "-A"], path)
-    run(["git", "commit", "-qm", "dvc repro, 1 epoch"], path)
     return path
 
 

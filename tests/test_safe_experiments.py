@@ -4,7 +4,6 @@ before an output is touched, a failed or interrupted run loses nothing, YAML is 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -14,8 +13,7 @@ import psutil
 import pytest
 from ruamel.yaml import YAML
 
-from tests.conftest import ENV, ROOT, VENV_BIN, reset_worktree, run, write_params
-from tests.test_pipeline import tracked_files
+from tests.conftest import ENV, VENV_BIN, dvc_project, reset_worktree, run, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -29,16 +27,7 @@ def snapshot(repo: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("safe")
-    for name in tracked_files():
-        (path / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, path / name)
-    write_params(path, {"train": {"epochs": 1}})
-    run(["git", "init", "-q", "-b", "main"], path)
-    run(["git", "add", "-A"], path)
-    run(["git", "commit", "-qm", "project"], path)
-    run(["dvc", "repro"], path)
-    run(["git", "add", "-A"], path)
-    run(["git", "commit", "-qm", "dvc repro, 1 epoch"], path)
+    dvc_project(path)
     return path
 
 

@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import ENV, ROOT, VENV_BIN, reset_worktree, run, write_params
-from tests.test_pipeline import tracked_files
+from tests.conftest import ENV, VENV_BIN, dvc_project, reset_worktree, run
 
 pytestmark = pytest.mark.slow
 PYTHON = str(VENV_BIN / "python")
@@ -49,16 +48,7 @@ def origin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     bare = root / "origin.git"
     run(["git", "init", "-q", "--bare", "-b", "main", str(bare)], root)
     work = root / "first"
-    for name in tracked_files():
-        (work / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, work / name)
-    write_params(work, {"train": {"epochs": 1}})
-    run(["git", "init", "-q", "-b", "main"], work)
-    run(["git", "add", "-A"], work)
-    run(["git", "commit", "-qm", "project"], work)
-    run(["dvc", "repro"], work)
-    run(["git", "add", "-A"], work)
-    run(["git", "commit", "-qm", "dvc repro, 1 epoch"], work)
+    dvc_project(work)
     run(["git", "remote", "add", "origin", str(bare)], work)
     run(["git", "push", "-q", "origin", "main"], work)
     run(["dvc", "push"], work)
