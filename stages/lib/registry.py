@@ -143,17 +143,6 @@ def encode_labels(y: np.ndarray, spec: LossSpec) -> np.ndarray:
     return np.eye(NUM_CLASSES, dtype=np.float32)[y]
 
 
-def to_probabilities(outputs: np.ndarray, spec: LossSpec, from_logits: bool) -> np.ndarray:
-    """Model outputs as the loss's probabilities: softmax/sigmoid applied when trained on logits."""
-    outputs = np.asarray(outputs, dtype=np.float64)
-    if not from_logits:
-        return outputs
-    if spec.default_activation == "sigmoid":
-        return 1.0 / (1.0 + np.exp(-outputs))
-    shifted = np.exp(outputs - outputs.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
-
-
 def _accepted(cls: type, exclude: set[str]) -> dict[str, inspect.Parameter]:
     """Keyword parameters of `cls.__init__`, without self/**kwargs/excluded names."""
     params = inspect.signature(cls.__init__).parameters.values()
