@@ -22,7 +22,7 @@ OUT = Path("data/params.ok")
 
 def main() -> None:
     p = params.load()
-    if registry.has_keras_arguments(p.train):
+    if registry.keras_arguments(p.train):
         registry.trial(p.train)
     with atomic.target(OUT) as tmp:
         tmp.write_text("params.yaml is valid\n")

@@ -20,6 +20,7 @@ import json
 import re
 import subprocess
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,14 @@ class Experiment:
         proc = subprocess.run(["git", "show", f"{self.rev}:{path}"], capture_output=True, text=True, check=False)
         return json.loads(proc.stdout) if proc.returncode == 0 else {}
 
+    @cached_property
+    def train_summary(self) -> dict[str, Any]:
+        return self.committed(TRAIN_SUMMARY)
+
+    @cached_property
+    def scores(self) -> dict[str, Any]:
+        return self.committed(SCORES)
+
     def cell(self, column: str) -> str:
         opt_name, lr = self.value("train.optimizer.name"), self.value("train.optimizer.learning_rate")
         extras = [
@@ -74,10 +83,10 @@ class Experiment:
             "loss": self.value("train.loss"),
             "optimizer": " ".join([str(opt_name), *extras]),
             "lr": _number(lr),
-            "epochs": self.committed(TRAIN_SUMMARY).get("epochs_run"),
+            "epochs": self.train_summary.get("epochs_run"),
             "test accuracy": self.value("test.accuracy"),
             "test loss": self.value("test.loss"),
-            "macro F1": self.committed(SCORES).get("f1_macro"),
+            "macro F1": self.scores.get("f1_macro"),
         }
         value = values[column]
         return f"{value:.4f}" if isinstance(value, float) and column != "lr" else str(value)

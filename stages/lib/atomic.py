@@ -29,14 +29,19 @@ def abandon_all() -> None:
     a folder renamed aside put back if the new one was not yet in place."""
     for tmp, final in list(_ACTIVE.items()):
         _remove(tmp)
-        aside = _aside(final)
-        if aside.exists() and not final.exists():
-            os.replace(aside, final)
+        _put_back(final)
     _ACTIVE.clear()
 
 
 def _aside(final: Path) -> Path:
     return final.with_name(f".{final.name}.old.tmp")
+
+
+def _put_back(final: Path) -> None:
+    """Stopped between the two renames of a folder write: the old folder comes back."""
+    aside = _aside(final)
+    if aside.exists() and not final.exists():
+        os.replace(aside, final)
 
 
 def recover(path: str | os.PathLike[str]) -> None:
@@ -45,9 +50,8 @@ def recover(path: str | os.PathLike[str]) -> None:
     Temporaries of a process that is still running (their name holds its pid) are left alone.
     """
     final = Path(path)
+    _put_back(final)
     aside = _aside(final)
-    if aside.exists() and not final.exists():
-        os.replace(aside, final)  # killed between the two renames: the old output comes back
     for stale in final.parent.glob(f".{final.stem}.*.tmp*"):
         match = re.fullmatch(rf"\.{re.escape(final.stem)}\.(\d+)-[0-9a-f]+\.tmp.*", stale.name)
         if stale == aside or (match and not _alive(int(match.group(1)))):

@@ -247,9 +247,15 @@ def make_schedule(train: TrainParams) -> keras.optimizers.schedules.LearningRate
     return _construct(cls, kwargs, "train.lr_schedule", f"schedule '{sched.name}'")
 
 
-def has_keras_arguments(train: TrainParams) -> bool:
-    """Whether `train` passes anything to Keras beyond the names and learning rate params.py checks."""
-    return bool(set(train.optimizer.kwargs) - {"learning_rate"} or train.loss_args or train.lr_schedule.name != "none")
+def keras_arguments(train: TrainParams) -> list[str]:
+    """The sections through which `train` passes Keras more than the names and learning rate
+    params.py checks itself (empty: nothing for `trial` to do)."""
+    used = {
+        "train.optimizer": set(train.optimizer.kwargs) - {"learning_rate"},
+        "train.loss_args": train.loss_args,
+        "train.lr_schedule": train.lr_schedule.name != "none",
+    }
+    return [key for key, value in used.items() if value]
 
 
 def trial(train: TrainParams) -> None:
@@ -268,18 +274,10 @@ def trial(train: TrainParams) -> None:
             keras.layers.Dense(NUM_CLASSES, activation=output_activation(spec, "auto", train.from_logits)),
         ]
     )
-    keys = ", ".join(
-        k
-        for k, used in (
-            ("train.optimizer", set(train.optimizer.kwargs) - {"learning_rate"}),
-            ("train.loss_args", train.loss_args),
-            ("train.lr_schedule", train.lr_schedule.name != "none"),
-        )
-        if used
-    )
+    keys = ", ".join(keras_arguments(train)) or "train"
     try:
         model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
         model.train_on_batch(np.zeros((2, 4), np.float32), encode_labels(np.array([0, 1]), spec))
     except Exception as exc:  # Keras' own complaint, whatever its type
         message = " ".join(str(exc).split())[:300]
-        raise ParamError(keys or "train", f"Keras refused these settings in a one-step trial: {message}") from None
+        raise ParamError(keys, f"Keras refused these settings in a one-step trial: {message}") from None
