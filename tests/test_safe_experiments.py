@@ -4,6 +4,7 @@ before an output is touched, a failed or interrupted run loses nothing, YAML is 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -151,10 +152,15 @@ def test_stopping_dvc_during_train_keeps_the_previous_outputs_and_leaves_no_proc
         cmd = ["dvc", "repro"]
     else:
         cmd = ["dvc", "exp", "run", "-S", "train.epochs=3"]
+    # DVC runs a stage in $SHELL -c, or /bin/sh -c without SHELL: bash becomes the stage, dash
+    # stays between dvc and the stage (and outlives a killed dvc). Both are tried.
+    env = {k: v for k, v in ENV.items() if k != "SHELL"}
+    if command == "repro":
+        env["SHELL"] = shutil.which("bash") or ""
     dvc = subprocess.Popen(
         cmd,
         cwd=repo,
-        env={**ENV, "PYTHONUNBUFFERED": "1"},
+        env={**env, "PYTHONUNBUFFERED": "1"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

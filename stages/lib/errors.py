@@ -15,8 +15,10 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+import select
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -57,15 +59,34 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     _fail(*SIGNALS[signal.Signals(signum)], now=True)
 
 
+SHELLS = {"sh", "dash", "bash", "zsh", "ksh", "mksh", "fish", "busybox"}
+
+
 def _end_with_parent() -> None:
-    """Ask Linux to send SIGTERM when the parent (`dvc`) dies, so no stage outlives it."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):  # pragma: no cover - not glibc
-            return
-        if os.getppid() == 1:  # the parent is already gone
-            _on_signal(signal.SIGTERM, None)
+    """End this stage, as if by SIGTERM, when the `dvc` that started it dies, so no stage outlives it.
+
+    DVC runs the command in `$SHELL -c` (or `/bin/sh -c` when SHELL is unset). bash then becomes
+    the stage, but dash (Debian's /bin/sh) waits for it as its parent and outlives a killed dvc,
+    so the process watched is the parent, or the parent's parent when the parent is that shell."""
+    if not sys.platform.startswith("linux"):  # pragma: no cover
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: the parent's death
+    runner = os.getppid()
+    if Path(f"/proc/{runner}/comm").read_text().strip() in SHELLS:
+        runner = int(Path(f"/proc/{runner}/stat").read_text().rpartition(")")[2].split()[1])
+    try:
+        handle = os.pidfd_open(runner)  # readable once that process has ended
+    except ProcessLookupError:  # already gone
+        handle = None
+    if handle is None or runner == 1:  # gone before we looked (its children go to init)
+        _on_signal(signal.SIGTERM, None)
+    else:
+        threading.Thread(target=_wait_for_end, args=(handle,), daemon=True, name="end-with-dvc").start()
+
+
+def _wait_for_end(handle: int) -> None:
+    select.select([handle], [], [])
+    os.kill(os.getpid(), signal.SIGTERM)  # handled by `_on_signal` on the main thread
 
 
 def _only_one(name: str) -> None:
