@@ -31,13 +31,15 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# The loss x optimizer grid on the bundled sample: queue, run one at a time, then report.
-# Override either list: make sweep LOSSES=binary_crossentropy,poisson OPTIMIZERS=adam,sgd
+# The loss x optimizer grid on the bundled sample: queue, run with JOBS of DVC's queue workers
+# (each experiment in its own copy, on train.speed.threads threads: 1 by default, one core each),
+# then report. Override the lists: make sweep LOSSES=binary_crossentropy,poisson OPTIMIZERS=adam,sgd
 LOSSES     ?= sparse_categorical_crossentropy,categorical_crossentropy,binary_crossentropy,categorical_focal_crossentropy,binary_focal_crossentropy,kl_divergence,poisson,categorical_hinge,squared_hinge,mean_squared_error
 OPTIMIZERS ?= adam,sgd,rmsprop
+JOBS       ?= $(shell nproc 2>/dev/null || echo 1)
 sweep: setup
 	$(RUN) $(BIN)/dvc exp run --queue -S "train.loss=$(LOSSES)" -S "train.optimizer.name=$(OPTIMIZERS)"
-	$(RUN) $(BIN)/dvc exp run --run-all
+	$(RUN) $(BIN)/dvc exp run --run-all --jobs $(JOBS)
 	$(RUN) $(BIN)/python -m stages.report --readme README.md
 
 # Refuses to shrink the README's table (a fresh clone has no experiments) unless REPLACE=1.
@@ -57,7 +59,10 @@ lock:
 clean-venv:
 	rm -rf $(VENV)
 
+# Every benchmark (about 15 minutes on 2 cores), offline; each prints its own medians and ratios.
 bench: setup
+	$(BIN)/python benchmarks/training.py
+	$(RUN) $(BIN)/python benchmarks/sweep.py --jobs $(JOBS)
 	$(BIN)/python benchmarks/startup.py
 	$(BIN)/python benchmarks/t10k_accuracy.py
 	$(BIN)/python benchmarks/rendered_digits.py

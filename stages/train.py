@@ -23,7 +23,7 @@ import tensorflow as tf
 from dvclive import Live
 from dvclive.keras import DVCLiveCallback
 
-from stages.lib import atomic, datasets, errors, params, registry, serving
+from stages.lib import atomic, datasets, engine, errors, params, registry, serving
 
 DATA = Path("data/normalized/dataset.npz")
 STATS = Path("data/normalized/stats.json")
@@ -40,7 +40,8 @@ def build_model(p: params.Params) -> keras.Sequential:
             layers.append(keras.layers.Dropout(p.model.dropout))
     spec = registry.LOSSES[p.train.loss]
     activation = registry.output_activation(spec, p.model.output_activation, p.train.from_logits)
-    layers.append(keras.layers.Dense(registry.NUM_CLASSES, activation=activation))
+    # float32 outputs under mixed precision too (the same layer when it is off)
+    layers.append(keras.layers.Dense(registry.NUM_CLASSES, activation=activation, dtype="float32"))
     return keras.Sequential(layers, name="mlp")
 
 
@@ -54,14 +55,26 @@ def best_epoch(history: dict[str, list[float]], monitor: str) -> int:
 def main() -> None:
     p = params.load()
     t = p.train
+    engine.set_threads(t.speed.threads)
+    strategy = engine.strategy_for(t.distribute)  # first: multi_worker must start before other ops
     keras.utils.set_random_seed(t.seed)
     tf.config.experimental.enable_op_determinism()
-    optimizer, loss, metrics = registry.make_optimizer(t), registry.make_loss(t), registry.make_metrics(t)
+    if t.mixed_precision:  # float16 where a GPU has fast float16; on a CPU bfloat16
+        gpu = bool(tf.config.list_physical_devices("GPU"))
+        keras.mixed_precision.set_global_policy("mixed_float16" if gpu else "mixed_bfloat16")
+    with strategy.scope():
+        model = build_model(p)
+        optimizer, loss = registry.make_optimizer(t), registry.make_loss(t)
+        if keras.mixed_precision.global_policy().name == "mixed_float16":
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        model.compile(optimizer=optimizer, loss=loss, metrics=registry.make_metrics(t))  # the saved model's
+    loop = engine.Loop(
+        model, loss, lambda: registry.make_metrics(t), optimizer, strategy,
+        steps_per_execution=t.speed.steps_per_execution, jit_compile=t.speed.jit_compile,
+    )  # fmt: skip
 
     data = datasets.load_npz(DATA)
     x, y = data["x_train"], registry.encode_labels(data["y_train"], registry.LOSSES[t.loss])
-    model = build_model(p)
-    model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
 
     callbacks: list[keras.callbacks.Callback] = []
     if t.early_stopping.enabled:
@@ -74,19 +87,25 @@ def main() -> None:
                 restore_best_weights=es.restore_best_weights,
             )
         )
+    if not engine.is_chief(strategy):  # another worker of a multi_worker run: train, write nothing
+        loop.fit(x, y, epochs=t.epochs, batch_size=t.batch_size, validation_split=t.validation_split,
+                 seed=t.seed, callbacks=callbacks, verbose=0)  # fmt: skip
+        print("worker done: the chief writes the outputs")
+        return
 
     with atomic.target(LIVE_DIR) as live_dir, atomic.target(serving.MODEL_DIR) as model_dir:
         with Live(str(live_dir), save_dvc_exp=False, dvcyaml=None) as live:
             start = time.perf_counter()
-            history = model.fit(
+            history = loop.fit(
                 x,
                 y,
                 epochs=t.epochs,
                 batch_size=t.batch_size,
                 validation_split=t.validation_split,
+                seed=t.seed,
                 callbacks=[DVCLiveCallback(live=live), *callbacks],
                 verbose=1 if sys.stdout.isatty() else 2,
-            ).history
+            )
             seconds = time.perf_counter() - start
             best = best_epoch(history, t.early_stopping.monitor)
             live.summary["epochs_run"] = len(history["loss"])
@@ -100,7 +119,10 @@ def main() -> None:
         serving.save(shipped, model_dir, serving.card(t.loss, activation, stats))
 
     # Timings differ from run to run: they stay out of the tracked outputs (same params, same bytes).
-    atomic.write_json(TIMINGS, {"train_time_s": round(seconds, 2), "epochs_run": len(history["loss"])})
+    epoch_s = [round(s, 4) for s in loop.epoch_seconds]
+    atomic.write_json(
+        TIMINGS, {"train_time_s": round(seconds, 3), "epochs_run": len(history["loss"]), "epoch_s": epoch_s}
+    )
     print(f"trained {len(history['loss'])} epochs in {seconds:.1f}s; best epoch {best + 1} -> {serving.MODEL_DIR}/")
 
 

@@ -83,6 +83,15 @@ class EarlyStoppingParams:
 
 
 @dataclass(frozen=True)
+class SpeedParams:
+    """How fast, not what: the same math (the last float bits may differ with these)."""
+
+    jit_compile: bool = True  # XLA-compile the training loop (with one replica)
+    steps_per_execution: int = bounded(256, ge=1, le=1_000_000)  # steps per compiled call
+    threads: int = bounded(1, ge=0, le=1024)  # TensorFlow threads per pool; 0 = all cores
+
+
+@dataclass(frozen=True)
 class TrainParams:
     loss: str = "sparse_categorical_crossentropy"
     loss_args: dict[str, Any] = field(default_factory=dict)
@@ -94,6 +103,9 @@ class TrainParams:
     batch_size: int = bounded(32, ge=1, le=1_000_000)
     validation_split: float = bounded(0.1, ge=0, lt=1)
     seed: int = bounded(42, ge=0, lt=SEED_LIMIT)
+    speed: SpeedParams = field(default_factory=SpeedParams)
+    distribute: Literal["none", "mirrored", "multi_worker"] = "none"
+    mixed_precision: bool = False  # float16 (GPU) / bfloat16 (CPU) compute, float32 weights
 
 
 @dataclass(frozen=True)

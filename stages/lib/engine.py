@@ -1,0 +1,186 @@
+"""The training loop: one compiled step, fast on one machine and data-parallel under tf.distribute.
+
+`model.fit` at batch 32 spends most of an MNIST epoch on per-step overhead (1,688 Python ->
+TensorFlow round trips), and Keras 3's `fit` does not run under `MultiWorkerMirroredStrategy`.
+Here the training set stays in memory as tensors, each epoch's shuffled order is an index matrix,
+and one `tf.function` runs `steps_per_execution` steps per call, each a `strategy.run` of the same
+per-replica step (every replica gathers its share of the global batch; the optimizer sums the
+gradients across replicas). With one replica the whole call is XLA-compiled (`jit_compile`).
+The math is `model.fit`'s: the same shuffled batches (the last one partial), the loss averaged
+over the global batch, one optimizer update per batch, validation on the held-out tail.
+
+Keras callbacks drive everything around it (progress bar, history, dvclive, early stopping),
+called at the same moments `fit` calls them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from stages.lib.errors import StageError
+
+EVAL_BATCH = 4096  # forward passes only: the batch size changes nothing but float sum order
+
+
+def strategy_for(name: str) -> tf.distribute.Strategy:
+    """`train.distribute`: none (default strategy), mirrored (this machine's GPUs), multi_worker (TF_CONFIG)."""
+    if name == "none":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    config = os.environ.get("TF_CONFIG")
+    try:
+        cluster = json.loads(config or "")
+        task, workers = cluster["task"], cluster["cluster"]
+        task["type"], int(task["index"]), dict(workers)
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise StageError(
+            "train.distribute: multi_worker needs TF_CONFIG, JSON like "
+            '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker", "index": 0}} '
+            f"(got {config!r}); see the README's 'Training on several machines'"
+        ) from None
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process writes the outputs: the only one, the `chief`, or worker 0 without a chief."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return task_type == "chief" or (not has_chief and task_type == "worker" and task_id == 0)
+
+
+def set_threads(threads: int) -> None:
+    """Cap TensorFlow's thread pools (0 keeps TensorFlow's choice: all cores); call before any op runs."""
+    if threads > 0:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
+class Loop:
+    """Trains `model` (built under `strategy.scope()`) with `loss`, `metrics` and `optimizer`."""
+
+    def __init__(
+        self,
+        model: keras.Model,
+        loss: keras.losses.Loss,
+        make_metrics: Callable[[], list[keras.metrics.Metric]],
+        optimizer: keras.optimizers.Optimizer,
+        strategy: tf.distribute.Strategy,
+        *,
+        steps_per_execution: int,
+        jit_compile: bool,
+    ) -> None:
+        self.model, self.loss, self.optimizer, self.strategy = model, loss, optimizer, strategy
+        self.steps_per_execution = steps_per_execution
+        with strategy.scope():
+            optimizer.build(model.trainable_variables)
+            self.train_metrics = [keras.metrics.Mean(name="loss"), *make_metrics()]
+        self.val_metrics = [keras.metrics.Mean(name="loss"), *make_metrics()]
+        one_replica = strategy.num_replicas_in_sync == 1
+        self._run_steps = tf.function(self._steps, jit_compile=jit_compile and one_replica)
+        # the partial last batch and validation run once an epoch: not worth an XLA compilation each
+        self._run_tail = tf.function(self._steps)
+        self._evaluate = tf.function(self._eval_batch)
+
+    def _replica_step(self, x: tf.Tensor, y: tf.Tensor, rows: tf.Tensor) -> None:
+        """One update on this replica's share of a global batch (`rows`: its indices into x, y)."""
+        context = tf.distribute.get_replica_context()
+        replicas, me = context.num_replicas_in_sync, context.replica_id_in_sync_group
+        share = tf.shape(rows)[0] // replicas + tf.cast(me < tf.shape(rows)[0] % replicas, tf.int32)
+        start = me * (tf.shape(rows)[0] // replicas) + tf.minimum(me, tf.shape(rows)[0] % replicas)
+        mine = rows[start : start + share]
+        xb, yb = tf.gather(x, mine), tf.gather(y, mine)
+        with tf.GradientTape() as tape:
+            predictions = self.model(xb, training=True)
+            # the mean over this replica's share (a Keras loss divides it by the replicas: undone)
+            loss = self.loss(yb, predictions) * replicas
+            # the global batch's mean: every replica's sum over the global size (model.fit's math)
+            weighted = loss * tf.cast(share, loss.dtype) / tf.cast(tf.shape(rows)[0], loss.dtype)
+            scaled = self.optimizer.scale_loss(weighted)  # loss scaling under mixed_float16
+        gradients = tape.gradient(scaled, self.model.trainable_variables)
+        self.optimizer.apply_gradients(
+            zip(gradients, self.model.trainable_variables, strict=True)
+        )  # sums across replicas
+        self.train_metrics[0].update_state(loss, sample_weight=tf.cast(share, loss.dtype))
+        for metric in self.train_metrics[1:]:
+            metric.update_state(yb, predictions)
+
+    def _steps(self, x: tf.Tensor, y: tf.Tensor, order: tf.Tensor, first: tf.Tensor, count: tf.Tensor) -> None:
+        i = first
+        while i < first + count:  # not `tf.range`: XLA would compile once per distinct (first, count)
+            self.strategy.run(self._replica_step, args=(x, y, order[i]))
+            i += 1
+
+    def _eval_batch(self, x: tf.Tensor, y: tf.Tensor) -> None:
+        predictions = self.model(x, training=False)
+        self.val_metrics[0].update_state(self.loss(y, predictions), sample_weight=tf.cast(tf.shape(x)[0], "float32"))
+        for metric in self.val_metrics[1:]:
+            metric.update_state(y, predictions)
+
+    def fit(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        epochs: int,
+        batch_size: int,
+        validation_split: float,
+        seed: int,
+        callbacks: Sequence[keras.callbacks.Callback],
+        verbose: int,
+    ) -> dict[str, list[float]]:
+        """model.fit's contract: the last `validation_split` held out, reshuffled batches each epoch."""
+        n_train = int(len(x) * (1 - validation_split)) if validation_split else len(x)  # as Keras splits
+        x_train, y_train = tf.constant(x[:n_train]), tf.constant(y[:n_train])
+        x_val, y_val = x[n_train:], y[n_train:]
+        full, rest = divmod(n_train, batch_size)
+        steps = full + (rest > 0)
+        size = self.steps_per_execution
+        chunks = [(first, min(size, full - first)) for first in range(0, full, size)]
+        hooks = keras.callbacks.CallbackList(
+            list(callbacks), add_history=True, add_progbar=verbose != 0, model=self.model,
+            verbose=verbose, epochs=epochs, steps=steps,
+        )  # fmt: skip
+        rng = np.random.default_rng(seed)
+        self.model.stop_training = False
+        self.epoch_seconds: list[float] = []  # wall time of each epoch (training and validation)
+        hooks.on_train_begin()
+        for epoch in range(epochs):
+            began = time.perf_counter()
+            for metric in self.train_metrics + self.val_metrics:
+                metric.reset_state()
+            hooks.on_epoch_begin(epoch)
+            order = rng.permutation(n_train).astype("int32")
+            batches = tf.constant(order[: full * batch_size].reshape(full, batch_size))
+            for first, count in chunks:
+                self._run_steps(x_train, y_train, batches, tf.constant(first), tf.constant(count))
+                hooks.on_train_batch_end(first + count - 1, self._results(self.train_metrics))
+            if rest:
+                tail = tf.constant(order[full * batch_size :][None])
+                self._run_tail(x_train, y_train, tail, tf.constant(0), tf.constant(1))
+                hooks.on_train_batch_end(steps - 1, self._results(self.train_metrics))
+            logs = self._results(self.train_metrics)
+            if len(x_val):
+                for start in range(0, len(x_val), EVAL_BATCH):
+                    self._evaluate(x_val[start : start + EVAL_BATCH], y_val[start : start + EVAL_BATCH])
+                logs.update({f"val_{k}": v for k, v in self._results(self.val_metrics).items()})
+            self.epoch_seconds.append(time.perf_counter() - began)
+            hooks.on_epoch_end(epoch, logs)
+            if self.model.stop_training:
+                break
+        hooks.on_train_end(logs)
+        return self.model.history.history
+
+    @staticmethod
+    def _results(metrics: list[keras.metrics.Metric]) -> dict[str, float]:
+        return {m.name: float(m.result()) for m in metrics}

@@ -1,0 +1,131 @@
+"""The training engine: model.fit's math, data-parallel on two workers, its params, its benchmark."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from tests.conftest import ENV, ROOT, run, write_params
+
+PYTHON = sys.executable
+QUIET = {**ENV, "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+@pytest.mark.parametrize(
+    ("strategy", "jit", "optimizer"),
+    [("none", "jit", "sgd"), ("none", "nojit", "adam"), ("mirrored", "nojit", "sgd"), ("mirrored", "nojit", "adam")],
+)
+def test_the_loop_takes_the_same_steps_as_keras_train_step(strategy: str, jit: str, optimizer: str) -> None:
+    """Same batches, same initial weights: the loop ends where Keras's own step ends (two
+    replicas: each computes half of every batch and the optimizer sums their gradients)."""
+    proc = run([PYTHON, "-m", "tests.engine_math", strategy, jit, optimizer], ROOT)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["replicas"] == (2 if strategy == "mirrored" else 1)
+    assert result["max_weight_difference"] < 1e-5
+    np.testing.assert_allclose(result["losses"], result["reference_losses"], rtol=1e-5)
+
+
+def with_data(project: Path, small: dict[str, np.ndarray]) -> Path:
+    (project / "data/normalized").mkdir(parents=True)
+    np.savez(project / "data/normalized/dataset.npz", **small)
+    (project / "data/normalized/stats.json").write_text(json.dumps({"method": "scale", "mean": 0.0, "std": 1.0}))
+    return project
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_two_workers_on_localhost_train_like_one_and_only_the_chief_writes(
+    project: Path, small: dict[str, np.ndarray], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The default model, 2 epochs, global batch 32: worker 0 (the chief) and worker 1 each
+    compute half of every batch; the result matches one process training on whole batches."""
+    chief = with_data(project, small)
+    other = tmp_path_factory.mktemp("worker1")
+    for name in ("stages", "data"):
+        os.symlink(chief / name, other / name)
+    single = tmp_path_factory.mktemp("single")
+    for name in ("stages", "data"):
+        os.symlink(chief / name, single / name)
+    write_params(single, {"train": {"epochs": 2}})
+    for folder in (chief, other):
+        write_params(folder, {"train": {"epochs": 2, "distribute": "multi_worker"}})
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    procs = []
+    for i, folder in enumerate((chief, other)):  # the second starts later: the chief waits for it
+        if i:
+            time.sleep(3)
+        procs.append(subprocess.Popen(
+            [PYTHON, "-m", "stages.train"],
+            cwd=folder,
+            env={
+                **QUIET,
+                "TF_CONFIG": json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}),
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        ))  # fmt: skip
+    outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    assert "worker done: the chief writes the outputs" in outputs[1]
+    assert sorted(p.name for p in other.iterdir()) == ["data", "params.yaml", "stages"]  # nothing written
+    run([PYTHON, "-m", "stages.train"], single, check=True)
+
+    two, one = (json.loads((f / "metrics/train/metrics.json").read_text()) for f in (chief, single))
+    assert two["epochs_run"] == one["epochs_run"] == 2
+    for split in ("train", "eval"):  # float sums in another order, 2 x 29 updates later
+        assert two[split]["loss"] == pytest.approx(one[split]["loss"], rel=1e-3)
+        assert two[split]["accuracy"] == pytest.approx(one[split]["accuracy"], abs=0.01)
+    images = (small["x_test"] * 255).round().astype("uint8")
+    models = [keras.saving.load_model(f / "models/model.keras") for f in (chief, single)]
+    probabilities = [model.predict(images, verbose=0) for model in models]
+    np.testing.assert_allclose(probabilities[0], probabilities[1], atol=1e-3)
+
+
+def test_multi_worker_without_tf_config_is_one_line_before_anything_is_written(project: Path, small: dict) -> None:
+    with_data(project, small)
+    write_params(project, {"train": {"distribute": "multi_worker"}})
+    env = {k: v for k, v in QUIET.items() if k != "TF_CONFIG"}
+    proc = subprocess.run(
+        [PYTHON, "-m", "stages.train"], cwd=project, env=env, capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "multi_worker needs TF_CONFIG" in lines[0], proc.stderr
+    assert not (project / "models").exists() and not (project / "metrics").exists()
+
+
+def test_mixed_precision_trains_and_ships_float32_probabilities(project: Path, small: dict[str, np.ndarray]) -> None:
+    with_data(project, small)
+    write_params(project, {"train": {"epochs": 3, "mixed_precision": True}})
+    run([PYTHON, "-m", "stages.train"], project)
+    model = keras.saving.load_model(project / "models/model.keras")
+    dense = [layer.dtype_policy.name for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+    assert dense == ["mixed_bfloat16", "float32"]  # computed in bfloat16 on a CPU, the output layer in float32
+    probabilities = model.predict((small["x_test"] * 255).round().astype("uint8"), verbose=0)
+    assert probabilities.dtype == np.float32
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1, atol=1e-3)
+    assert (probabilities.argmax(axis=1) == small["y_test"]).mean() > 0.7  # 1,000 digits, 3 epochs
+
+
+def test_the_training_benchmark_runs_on_tiny_sizes() -> None:
+    """`make bench`'s script end to end, small enough for the suite; its figures are not checked."""
+    proc = run([PYTHON, "benchmarks/training.py", "--images", "600", "--rounds", "1", "--parts", "speed,memory"], ROOT)
+    assert proc.stdout.count("speed-up:") == 3 and " MB" in proc.stdout, proc.stdout
