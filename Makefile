@@ -59,7 +59,7 @@ lock:
 clean-venv:
 	rm -rf $(VENV)
 
-# Every benchmark (about 15 minutes on 2 cores), offline; each prints its own medians and ratios.
+# Every benchmark (about 25 minutes on 2 cores), offline; each prints its own medians and ratios.
 bench: setup
 	$(BIN)/python benchmarks/training.py
 	$(RUN) $(BIN)/python benchmarks/sweep.py --jobs $(JOBS)

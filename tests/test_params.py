@@ -64,6 +64,11 @@ def test_every_schema_key_is_spelled_out_in_params_yaml() -> None:
         ({"model": {"activation": "rellu"}}, "model.activation", "did you mean 'relu'"),
         ({"data": {"url": "ftp://example/mnist.npz"}}, "data.url", "http://, https:// or file://"),
         ({"data": {"sha256": "abc"}}, "data.sha256", "64 lowercase hex"),
+        ({"train": {"distribute": "horovod"}}, "train.distribute", "none, mirrored, multi_worker"),
+        ({"train": {"speed": {"steps_per_execution": 0}}}, "train.speed.steps_per_execution", "must be >= 1"),
+        ({"train": {"speed": {"threads": -1}}}, "train.speed.threads", "must be >= 0"),
+        ({"train": {"speed": {"jit": True}}}, "train.speed.jit", "did you mean 'jit_compile'"),
+        ({"train": {"mixed_precision": "float16"}}, "train.mixed_precision", "expected true or false"),
     ],
 )
 def test_bad_values_name_the_dotted_key_and_what_is_allowed(raw: dict, key: str, fragment: str) -> None:
