@@ -67,7 +67,7 @@ def test_every_schema_key_is_spelled_out_in_params_yaml() -> None:
         ({"train": {"distribute": "horovod"}}, "train.distribute", "none, mirrored, multi_worker"),
         ({"train": {"speed": {"steps_per_execution": 0}}}, "train.speed.steps_per_execution", "must be >= 1"),
         ({"train": {"speed": {"threads": -1}}}, "train.speed.threads", "must be >= 0"),
-        ({"train": {"speed": {"jit": True}}}, "train.speed.jit", "did you mean 'jit_compile'"),
+        ({"train": {"speed": {"jit_compiled": True}}}, "train.speed.jit_compiled", "did you mean 'jit_compile'"),
         ({"train": {"mixed_precision": "float16"}}, "train.mixed_precision", "expected true or false"),
     ],
 )
