@@ -163,7 +163,10 @@ def plot(exps: list[Experiment], out: Path) -> None:
 
 
 def rows_shown(text: str) -> int:
-    """How many experiments a table written by `markdown` holds."""
+    """How many experiments a table written by `markdown` holds (in a README: the compare block's)."""
+    start, end = MARKERS
+    if start in text and end in text:
+        text = text[text.index(start) : text.index(end)]
     return sum(1 for line in text.splitlines() if line.startswith("| ") and not line.startswith("| experiment |"))
 
 

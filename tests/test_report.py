@@ -1,0 +1,14 @@
+"""The experiment report's guard against shrinking a table."""
+
+from __future__ import annotations
+
+from stages import report
+
+
+def test_a_readme_counts_only_the_rows_of_its_compare_block() -> None:
+    start, end = report.MARKERS
+    params = ["| key | default |", "|---|---|", "| `train.epochs` | `10` |"]
+    block = [start, "| experiment | loss |", "|---|---|", "| exp-a | poisson |", "| exp-b | poisson |", end]
+    readme = "\n".join([*params, *block, "| other | table |"])
+    assert report.rows_shown(readme) == 2
+    assert report.rows_shown("| experiment | loss |\n|---|---|\n| exp-a | poisson |\n") == 1  # compare.md
