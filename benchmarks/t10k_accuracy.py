@@ -35,10 +35,11 @@ def main() -> None:
 
     model, _ = serving.load()  # raw uint8 images in, probabilities out
     predicted = model.predict(x, batch_size=1024, verbose=0).argmax(axis=1)
-    own = json.loads(Path("metrics/eval.json").read_text())
+    own = json.loads(Path("metrics/eval.json").read_text())["test"]
+    scores = json.loads(Path("metrics/eval/scores.json").read_text())
     print("| test set | digits | accuracy | macro F1 |")
     print("|---|---|---|---|")
-    own_row = f"| {own['n_test']} | {own['accuracy']:.4f} | {own['f1_macro']:.4f} |"
+    own_row = f"| {scores['n_test']} | {own['accuracy']:.4f} | {scores['f1_macro']:.4f} |"
     print(f"| pipeline's own split (metrics/eval.json) {own_row}")
     print(
         f"| official MNIST t10k | {len(y)} | {accuracy_score(y, predicted):.4f} "

@@ -82,6 +82,7 @@ class Loop:
     ) -> None:
         self.model, self.loss, self.optimizer, self.strategy = model, loss, optimizer, strategy
         self.steps_per_execution = steps_per_execution
+        self.epoch_seconds: list[float] = []  # wall time of each epoch of the last fit (training, validation)
         with strategy.scope():
             optimizer.build(model.trainable_variables)
             self.train_metrics = [keras.metrics.Mean(name="loss"), *make_metrics()]
@@ -107,10 +108,9 @@ class Loop:
             # the global batch's mean: every replica's sum over the global size (model.fit's math)
             weighted = loss * tf.cast(share, loss.dtype) / tf.cast(tf.shape(rows)[0], loss.dtype)
             scaled = self.optimizer.scale_loss(weighted)  # loss scaling under mixed_float16
-        gradients = tape.gradient(scaled, self.model.trainable_variables)
-        self.optimizer.apply_gradients(
-            zip(gradients, self.model.trainable_variables, strict=True)
-        )  # sums across replicas
+        weights = self.model.trainable_variables
+        gradients = tape.gradient(scaled, weights)
+        self.optimizer.apply_gradients(zip(gradients, weights, strict=True))  # sums the replicas' gradients
         self.train_metrics[0].update_state(loss, sample_weight=tf.cast(share, loss.dtype))
         for metric in self.train_metrics[1:]:
             metric.update_state(yb, predictions)
@@ -153,7 +153,7 @@ class Loop:
         )  # fmt: skip
         rng = np.random.default_rng(seed)
         self.model.stop_training = False
-        self.epoch_seconds: list[float] = []  # wall time of each epoch (training and validation)
+        self.epoch_seconds = []
         hooks.on_train_begin()
         for epoch in range(epochs):
             began = time.perf_counter()
