@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
-import os
 import shutil
 import subprocess
 import sys
@@ -32,19 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from lab_env import BIN, ENV, ROOT  # benchmarks/, on sys.path when a script runs
 from ruamel.yaml import YAML
-
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-ENV = {
-    **os.environ,
-    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    "GIT_AUTHOR_NAME": "probe",
-    "GIT_AUTHOR_EMAIL": "probe@example.invalid",
-    "GIT_COMMITTER_NAME": "probe",
-    "GIT_COMMITTER_EMAIL": "probe@example.invalid",
-    "TF_CPP_MIN_LOG_LEVEL": "2",
-}
 
 
 @dataclass
