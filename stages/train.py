@@ -2,7 +2,8 @@
 
 Builds Flatten -> Dense(hidden_units, activation) [-> Dropout] -> Dense(10, output activation)
 from `model.*`, compiles it with the loss and optimizer from `train.*` (wired by the registry:
-label encoding, output activation, logits, metrics), and fits it with dvclive's
+label encoding, output activation, logits, metrics), and trains it with `stages.lib.engine`'s
+loop (model.fit's math, compiled; on one machine or several, `train.distribute`) and dvclive's
 `DVCLiveCallback`: per-epoch loss/accuracy curves (train and validation) and a summary with
 the final epoch and the best epoch. Seeded and deterministic on CPU: the same params give the
 same bytes; the training time goes to the log line and to git-ignored `metrics/timings.json`.
@@ -12,6 +13,7 @@ out, with its card (`models/model.json`) and a SavedModel beside it.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -87,25 +89,18 @@ def main() -> None:
                 restore_best_weights=es.restore_best_weights,
             )
         )
+    fit = functools.partial(
+        loop.fit, x, y, epochs=t.epochs, batch_size=t.batch_size, validation_split=t.validation_split, seed=t.seed
+    )
     if not engine.is_chief(strategy):  # another worker of a multi_worker run: train, write nothing
-        loop.fit(x, y, epochs=t.epochs, batch_size=t.batch_size, validation_split=t.validation_split,
-                 seed=t.seed, callbacks=callbacks, verbose=0)  # fmt: skip
+        fit(callbacks=callbacks, verbose=0)
         print("worker done: the chief writes the outputs")
         return
 
     with atomic.target(LIVE_DIR) as live_dir, atomic.target(serving.MODEL_DIR) as model_dir:
         with Live(str(live_dir), save_dvc_exp=False, dvcyaml=None) as live:
             start = time.perf_counter()
-            history = loop.fit(
-                x,
-                y,
-                epochs=t.epochs,
-                batch_size=t.batch_size,
-                validation_split=t.validation_split,
-                seed=t.seed,
-                callbacks=[DVCLiveCallback(live=live), *callbacks],
-                verbose=1 if sys.stdout.isatty() else 2,
-            )
+            history = fit(callbacks=[DVCLiveCallback(live=live), *callbacks], verbose=1 if sys.stdout.isatty() else 2)
             seconds = time.perf_counter() - start
             best = best_epoch(history, t.early_stopping.monitor)
             live.summary["epochs_run"] = len(history["loss"])
@@ -120,9 +115,7 @@ def main() -> None:
 
     # Timings differ from run to run: they stay out of the tracked outputs (same params, same bytes).
     epoch_s = [round(s, 4) for s in loop.epoch_seconds]
-    atomic.write_json(
-        TIMINGS, {"train_time_s": round(seconds, 3), "epochs_run": len(history["loss"]), "epoch_s": epoch_s}
-    )
+    atomic.write_json(TIMINGS, {"train_time_s": round(seconds, 3), "epochs_run": len(epoch_s), "epoch_s": epoch_s})
     print(f"trained {len(history['loss'])} epochs in {seconds:.1f}s; best epoch {best + 1} -> {serving.MODEL_DIR}/")
 
 
