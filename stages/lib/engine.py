@@ -38,25 +38,28 @@ def strategy_for(name: str) -> tf.distribute.Strategy:
     config = os.environ.get("TF_CONFIG")
     try:
         cluster = json.loads(config or "")
-        task, workers = cluster["task"], cluster["cluster"]
-        task["type"], int(task["index"]), dict(workers)
-    except (ValueError, TypeError, KeyError, AttributeError):
+        valid = isinstance(cluster["cluster"], dict) and isinstance(cluster["task"]["type"], str)
+        int(cluster["task"]["index"])
+    except (ValueError, TypeError, KeyError):
+        valid = False
+    if not valid:
         raise StageError(
             "train.distribute: multi_worker needs TF_CONFIG, JSON like "
             '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker", "index": 0}} '
             f"(got {config!r}); see the README's 'Training on several machines'"
-        ) from None
+        )
     return tf.distribute.MultiWorkerMirroredStrategy()
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
     """Whether this process writes the outputs: the only one, the `chief`, or worker 0 without a chief."""
     resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.cluster_spec().as_dict():
+    cluster = resolver.cluster_spec().as_dict() if resolver else {}
+    if not cluster:
         return True
-    task_type, task_id = resolver.task_type, resolver.task_id
-    has_chief = "chief" in resolver.cluster_spec().as_dict()
-    return task_type == "chief" or (not has_chief and task_type == "worker" and task_id == 0)
+    if "chief" in cluster:
+        return resolver.task_type == "chief"
+    return resolver.task_type == "worker" and resolver.task_id == 0
 
 
 def set_threads(threads: int) -> None:
@@ -97,8 +100,10 @@ class Loop:
         """One update on this replica's share of a global batch (`rows`: its indices into x, y)."""
         context = tf.distribute.get_replica_context()
         replicas, me = context.num_replicas_in_sync, context.replica_id_in_sync_group
-        share = tf.shape(rows)[0] // replicas + tf.cast(me < tf.shape(rows)[0] % replicas, tf.int32)
-        start = me * (tf.shape(rows)[0] // replicas) + tf.minimum(me, tf.shape(rows)[0] % replicas)
+        size = tf.shape(rows)[0]
+        base, extra = size // replicas, size % replicas  # the first `extra` replicas take one row more
+        share = base + tf.cast(me < extra, tf.int32)
+        start = me * base + tf.minimum(me, extra)
         mine = rows[start : start + share]
         xb, yb = tf.gather(x, mine), tf.gather(y, mine)
         with tf.GradientTape() as tape:
@@ -106,7 +111,7 @@ class Loop:
             # the mean over this replica's share (a Keras loss divides it by the replicas: undone)
             loss = self.loss(yb, predictions) * replicas
             # the global batch's mean: every replica's sum over the global size (model.fit's math)
-            weighted = loss * tf.cast(share, loss.dtype) / tf.cast(tf.shape(rows)[0], loss.dtype)
+            weighted = loss * tf.cast(share, loss.dtype) / tf.cast(size, loss.dtype)
             scaled = self.optimizer.scale_loss(weighted)  # loss scaling under mixed_float16
         weights = self.model.trainable_variables
         gradients = tape.gradient(scaled, weights)
