@@ -63,6 +63,7 @@ clean-venv:
 bench: setup
 	$(BIN)/python benchmarks/training.py
 	$(RUN) $(BIN)/python benchmarks/sweep.py --jobs $(JOBS)
+	$(RUN) $(BIN)/python benchmarks/run_cache.py
 	$(BIN)/python benchmarks/startup.py
 	$(BIN)/python benchmarks/t10k_accuracy.py
 	$(BIN)/python benchmarks/rendered_digits.py

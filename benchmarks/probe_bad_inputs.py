@@ -6,8 +6,9 @@ classed by what the user saw and what was left:
 - clean: non-zero exit, one readable line (`error: ...` from a stage, or DVC's own refusal)
 - traceback: a Python traceback anywhere in the output
 - silent: exit 0 for an input that is wrong
-- lost: the model, the tracked metrics, the data or dvc.lock (other than check's own entry)
-  differ from before
+- lost: the model, the metrics, the data or dvc.lock (other than check's own entry) differ from
+  before, after the one command the stage's line printed (`dvc checkout --force`, where DVC had
+  deleted the outputs before running the stage)
 
 After each case the copy is restored (git reset, git checkout main, dvc checkout) and checked.
 
@@ -257,6 +258,29 @@ CASES += [
 ]
 
 
+def as_pid_1(transform: Callable[[str], str]) -> Callable[[Path], list[str]]:
+    """params.yaml edited, then `python -m stages.check` by hand as PID 1 (`docker run IMAGE ...`)."""
+
+    def prepare(repo: Path) -> list[str]:
+        edit(transform)(repo)
+        return [*NAMESPACE, PY, "-m", "stages.check"]
+
+    return prepare
+
+
+LONG = ("train.epochs=300", "train.speed.jit_compile=false", "train.speed.steps_per_execution=1")  # minutes
+NAMESPACE = ["unshare", "--pid", "--fork", "--mount-proc"]  # PID 1 of its own namespace, as in a container
+CASES += [
+    Case("params.yaml edit", "a section removed (dvc exp run -S ~evaluate)", exp("~evaluate")),
+    Case("params.yaml edit", "an empty params.yaml", edit(lambda t: "")),
+    Case("where it runs", "dvc repro as PID 1, a bad value", lambda r: [*NAMESPACE, *exp("train.seed=-1")(r)]),
+    Case("where it runs", "a stage by hand as PID 1, a bad value", as_pid_1(lambda t: t.replace("ed: 42", "ed: -1"))),
+    Case("interrupted", "dvc exp run, SIGTERM mid-train", lambda r: ["timeout", "-s", "TERM", "12", *exp(*LONG)(r)]),
+    Case("interrupted", "dvc repro as PID 1, SIGTERM mid-train", lambda r: [
+        "timeout", "-s", "TERM", "12", *NAMESPACE, *exp(*LONG)(r)]),
+]  # fmt: skip
+
+
 def snapshot(repo: Path) -> dict[str, str]:
     files = [
         p for d in ("models", "metrics", "data/raw", "data/normalized") for p in (repo / d).rglob("*") if p.is_file()
@@ -277,9 +301,13 @@ def restore(repo: Path, baseline: dict[str, str]) -> None:
         raise RuntimeError("the scratch copy could not be restored")
 
 
+RESTORE = "dvc checkout --force"  # what a stage's line says restores the outputs DVC deleted
+
+
 def classify(case: Case, proc: subprocess.CompletedProcess[str], lost: bool) -> tuple[str, str]:
     output = proc.stdout + proc.stderr
-    lines = [line for line in output.splitlines() if line.startswith(("error: ", "ERROR: "))]
+    said_by = ("error: ", "ERROR: ", "interrupted", "terminated")  # a stage's or DVC's own line
+    lines = [line for line in output.splitlines() if line.startswith(said_by)]
     said = lines[0] if lines else (output.strip().splitlines() or [""])[-1]
     if "Traceback (most recent call last)" in output:
         return "traceback", said
@@ -319,6 +347,8 @@ def main() -> None:
         start = time.perf_counter()
         cmd = case.prepare(repo)
         proc = sh(cmd, repo, check=False)
+        if RESTORE in proc.stdout + proc.stderr:  # the one command the stage printed, as a user would run it
+            sh(RESTORE.split(), repo, check=False)
         lost = case.checks_loss and snapshot(repo) != baseline
         outcome, said = classify(case, proc, lost)
         counts[outcome] += 1

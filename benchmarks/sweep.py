@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -53,6 +54,7 @@ def sweep(repo: Path, losses: str, optimizers: str, jobs: int) -> tuple[float, d
     if failed:
         raise SystemExit(f"{failed} experiments failed: dvc queue logs in {repo}")
     sh(["dvc", "exp", "remove", "--all-commits"], repo)
+    shutil.rmtree(repo / ".dvc/cache/runs", ignore_errors=True)  # the next sweep trains too, not restores
     return seconds, results
 
 

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.lib import datasets, errors, params
+from stages.lib import datasets, params, runner
 
 OUT = Path("data/raw/dataset.npz")
 
 
 def main() -> None:
-    p = params.load().data
-    dataset = datasets.download(p)
+    p = params.load()
+    dataset = datasets.download(p.data)
     datasets.save_npz(OUT, {k: dataset[k] for k in datasets.KEYS})
-    print(f"{p.source}: {len(dataset['y_train'])} train and {len(dataset['y_test'])} test images -> {OUT}")
+    print(f"{p.data.source}: {len(dataset['y_train'])} train and {len(dataset['y_test'])} test images -> {OUT}")
 
 
 if __name__ == "__main__":
-    errors.run(main)
+    runner.run(main)

@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt
 from dvclive import Live
 from sklearn.metrics import ConfusionMatrixDisplay, accuracy_score, precision_recall_fscore_support
 
-from stages.lib import atomic, datasets, errors, params, registry, serving
+from stages.lib import atomic, datasets, params, registry, runner, serving
 
 DATA = Path("data/raw/dataset.npz")
 METRICS = Path("metrics/eval.json")
@@ -30,14 +30,14 @@ PLOTS_DIR = Path("metrics/eval")
 
 
 def main() -> None:
-    p = params.load().evaluate
+    p = params.load()
     model, card = serving.load()
     data = datasets.load_npz(DATA)
     x, y_true = data["x_test"], data["y_test"].astype(int)
 
     y_encoded = registry.encode_labels(y_true, registry.LOSSES[card["loss"]])
-    keras_scores = model.evaluate(x, y_encoded, batch_size=p.batch_size, return_dict=True, verbose=0)
-    y_pred = model.predict(x, batch_size=p.batch_size, verbose=0).argmax(axis=1)
+    keras_scores = model.evaluate(x, y_encoded, batch_size=p.evaluate.batch_size, return_dict=True, verbose=0)
+    y_pred = model.predict(x, batch_size=p.evaluate.batch_size, verbose=0).argmax(axis=1)
 
     classes = range(registry.NUM_CLASSES)
     precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=classes, zero_division=0)
@@ -60,7 +60,7 @@ def main() -> None:
                 "confusion_matrix", y_true, y_pred, name="confusion_matrix.json", title="Confusion matrix (test set)"
             )
         (plots_dir / "metrics.json").unlink(missing_ok=True)  # Live's empty summary; metrics go to eval.json
-        normalize = None if p.confusion_normalize == "none" else p.confusion_normalize
+        normalize = None if p.evaluate.confusion_normalize == "none" else p.evaluate.confusion_normalize
         display = ConfusionMatrixDisplay.from_predictions(
             y_true, y_pred, normalize=normalize, values_format=".2f" if normalize else "d", colorbar=False
         )
@@ -81,4 +81,4 @@ def _plain(value: Any) -> Any:
 
 
 if __name__ == "__main__":
-    errors.run(main)
+    runner.run(main)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.lib import atomic, datasets, errors, params
+from stages.lib import atomic, datasets, params, runner
 
 RAW = Path("data/raw/dataset.npz")
 OUT = Path("data/normalized")
@@ -32,7 +32,8 @@ def apply(x: np.ndarray, stats: dict[str, float | str]) -> np.ndarray:
 
 
 def main() -> None:
-    method = params.load().normalize.method
+    p = params.load()
+    method = p.normalize.method
     raw = datasets.load_npz(RAW)
     stats = statistics(raw["x_train"], method)
     with atomic.target(OUT) as tmp:
@@ -44,4 +45,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    errors.run(main)
+    runner.run(main)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import vl_convert
 
-from stages.lib import atomic, errors
+from stages.lib import atomic, runner
 
 OUT = Path(".dvc/plots/offline.html")
 VEGA_LITE = "5.21"  # DVC's plot templates are Vega-Lite 5 specs
@@ -54,4 +54,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    errors.run(main)
+    runner.run(main, writes_outputs=False)

@@ -31,7 +31,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.lines import Line2D
 
-from stages.lib import errors
+from stages.lib import errors, runner
 
 TRAIN_SUMMARY, SCORES = "metrics/train/metrics.json", "metrics/eval/scores.json"
 PARAM_SECTIONS = ("data", "normalize", "model", "train", "evaluate")
@@ -207,4 +207,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    errors.run(main)
+    runner.run(main, writes_outputs=False)

@@ -25,7 +25,7 @@ import tensorflow as tf
 from dvclive import Live
 from dvclive.keras import DVCLiveCallback
 
-from stages.lib import atomic, datasets, engine, errors, params, registry, serving
+from stages.lib import atomic, datasets, engine, params, registry, runner, serving
 
 DATA = Path("data/normalized/dataset.npz")
 STATS = Path("data/normalized/stats.json")
@@ -120,4 +120,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    errors.run(main)
+    runner.run(main)

@@ -50,18 +50,24 @@ def tracked_files() -> list[str]:
     return [f for f in out if (ROOT / f).is_file() and not f.startswith(("tests/", "benchmarks/", "reports/"))]
 
 
+def git_project(path: Path, overrides: dict | None = None) -> Path:
+    """A git + DVC copy of the project at `path` (params with `overrides`), committed, nothing run."""
+    for name in tracked_files():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, path / name)
+    write_params(path, overrides or {})
+    run(["git", "init", "-q", "-b", "main"], path)
+    run(["git", "add", "-A"], path)
+    run(["git", "commit", "-qm", "project"], path)
+    return path
+
+
 def dvc_project(path: Path) -> subprocess.CompletedProcess[str]:
     """A git + DVC copy of the project at `path`, `dvc repro` run once at 1 epoch and committed.
 
     Returns that `dvc repro`'s output.
     """
-    for name in tracked_files():
-        (path / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, path / name)
-    write_params(path, {"train": {"epochs": 1}})
-    run(["git", "init", "-q", "-b", "main"], path)
-    run(["git", "add", "-A"], path)
-    run(["git", "commit", "-qm", "project"], path)
+    git_project(path, {"train": {"epochs": 1}})
     proc = run(["dvc", "repro"], path)
     run(["git", "add", "-A"], path)
     run(["git", "commit", "-qm", "dvc repro, 1 epoch"], path)

@@ -271,7 +271,32 @@ def test_a_file_write_that_fails_leaves_the_previous_file(tmp_path: Path) -> Non
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
 
-# --- the stage wrapper: one line for every kind of failure -----------------------------------
+def test_nested_writes_whose_names_share_a_stem_keep_each_other(tmp_path: Path) -> None:
+    """metrics/eval.json written while metrics/eval/ is being written: neither removes the other's temporary."""
+    (tmp_path / ".eval.json.1-00.tmp").write_text("pid 1 is alive: its write is under way, kept")
+    (tmp_path / f".eval.json.{2**22 + 7}-00.tmp").write_text("a dead process's: removed")
+    with atomic.target(tmp_path / "eval") as folder:
+        folder.mkdir()
+        (folder / "scores.json").write_text("{}")
+        atomic.write_json(tmp_path / "eval.json", {"test": 1})
+        with atomic.target(tmp_path / "eval.json.bak") as other:
+            other.write_text("x")
+            atomic.recover(tmp_path / "eval")  # recovering a same-stem output leaves open writes alone
+            atomic.recover(tmp_path / "eval.json")
+            assert other.exists() and folder.is_dir()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [".eval.json.1-00.tmp", "eval", "eval.json", "eval.json.bak"]
+    assert (tmp_path / "eval/scores.json").read_text() == "{}" and json.loads((tmp_path / "eval.json").read_text())
+
+
+def test_a_write_left_by_this_process_before_is_stale(tmp_path: Path) -> None:
+    stale = tmp_path / f".model.keras.{os.getpid()}-0123.tmp"
+    stale.write_text("left by an earlier write of this process, not under way")
+    atomic.write_json(tmp_path / "model.keras", {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.keras"]
+
+
+# --- the stage runner: one line for every kind of failure ------------------------------------
 
 
 def test_a_write_error_is_one_line_and_exit_2(project: Path) -> None:
@@ -300,12 +325,12 @@ def test_a_file_size_limit_is_one_line_not_a_silent_kill(project: Path) -> None:
 def test_two_runs_of_a_stage_in_one_folder_the_second_says_why(project: Path) -> None:
     (project / ".dvc").mkdir()
     first = subprocess.Popen(
-        [sys.executable, "-c", "from stages.lib import errors; import time; errors.run(lambda: time.sleep(30))"],
+        [sys.executable, "-c", "from stages.lib import runner; import time; runner.run(lambda: time.sleep(30))"],
         cwd=project,
     )
     try:
         time.sleep(1.0)
-        second = run([sys.executable, "-c", "from stages.lib import errors; errors.run(lambda: None)"], project, False)
+        second = run([sys.executable, "-c", "from stages.lib import runner; runner.run(lambda: None)"], project, False)
         assert second.returncode == 2
         assert second.stderr.startswith("error: another `-c` is running in this folder;")
         assert "dvc exp run --queue" in second.stderr
@@ -316,7 +341,7 @@ def test_two_runs_of_a_stage_in_one_folder_the_second_says_why(project: Path) ->
 
 def test_sigterm_is_one_line_and_exit_143(project: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from stages.lib import errors; import time; errors.run(lambda: time.sleep(30))"],
+        [sys.executable, "-c", "from stages.lib import runner; import time; runner.run(lambda: time.sleep(30))"],
         cwd=project,
         stderr=subprocess.PIPE,
         text=True,
@@ -326,5 +351,5 @@ def test_sigterm_is_one_line_and_exit_143(project: Path) -> None:
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 143
     assert stderr.strip() == (
-        "terminated (SIGTERM, or dvc was stopped): the previous outputs are kept; run it again (dvc repro) to recover"
+        "terminated (SIGTERM, or dvc was stopped): the previous outputs are kept; run it again to recover"
     )

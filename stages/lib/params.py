@@ -123,8 +123,15 @@ class Params:
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
 
 
+SECTIONS = tuple(f.name for f in dataclasses.fields(Params))  # what dvc.yaml's `params:` lists
+
+
 def load(path: str | Path = PARAMS_FILE) -> Params:
-    """Read and validate params.yaml; raise ParamError on the first problem."""
+    """Read and validate params.yaml; raise ParamError on the first problem.
+
+    A missing key takes its default; a missing section is refused (DVC, which tracks the
+    stages' sections whole, would stop with "missing from params.yaml" after check).
+    """
     try:
         raw = YAML(typ="safe", pure=True).load(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -136,7 +143,16 @@ def load(path: str | Path = PARAMS_FILE) -> Params:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ParamError("(file)", f"not valid YAML{where}: {problem}") from None
-    return parse(raw if raw is not None else {})
+    raw = raw if raw is not None else {}
+    missing = [name for name in SECTIONS if isinstance(raw, Mapping) and name not in raw]
+    if missing:
+        sections = ", ".join(f"`{name}:`" for name in missing)
+        raise ParamError(
+            missing[0],
+            f"section missing ({sections}); DVC tracks each stage's section of params.yaml whole, so every "
+            f"section must be there: `{missing[0]}: {{}}` takes all of its defaults, and so does a missing key",
+        )
+    return parse(raw)
 
 
 def parse(raw: Any) -> Params:

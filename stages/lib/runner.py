@@ -1,0 +1,170 @@
+"""Run a stage or command: one readable line and a non-zero exit for every failure, wherever it runs.
+
+`run(main)` is every entry point's last line. It prints a `StageError` as `error: ...` (exit 2),
+under DVC followed by the command that restores the outputs DVC deleted (below),
+a file-system error on a user's path or a full disk the same way, Ctrl-C as one line (exit 130)
+and SIGTERM as one line (exit 143). Anything else is a bug: `internal error: ...` (exit 1), with
+the traceback when `STAGES_TRACEBACK=1`.
+
+Where a pipeline runs, nothing here depends on who the parent is: a stage runs the same as PID 1
+in a container, from a shell whose parent is outside the PID namespace (PPID 0), detached with
+`nohup`/`setsid`, and in DVC's queue. Only a stage started by DVC (DVC sets `DVC_STAGE` in its
+environment) watches the `dvc` process that started it (through a pidfd, found among its nearest
+ancestors by its command line), and stops as on SIGTERM when that `dvc` ends, so a killed `dvc`
+leaves no stage behind. Where that `dvc` cannot be found (no /proc, PPID 0), the stage just runs.
+
+What an interrupted run leaves: outputs are written atomically (`stages.lib.atomic`), so a stage
+run by hand keeps its previous outputs. Under DVC, which deletes a stage's outputs before running
+it, `dvc checkout --force` puts back every output that dvc.lock records, byte for byte.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import select
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+from stages.lib import atomic
+from stages.lib.errors import ParamError, StageError
+
+UNDER_DVC = "DVC_STAGE" in os.environ  # set by `dvc repro` / `dvc exp run` for the command of each stage
+KEPT = (
+    "dvc checkout --force puts back the outputs dvc.lock records"
+    if UNDER_DVC
+    else "the previous outputs are kept; run it again to recover"
+)
+SIGNALS = {
+    signal.SIGINT: ("interrupted (Ctrl-C)", 130),
+    signal.SIGTERM: ("terminated (SIGTERM, or dvc was stopped)", 143),
+}
+# Errors of the machine, not of a path the user named: still one line, not a bug.
+RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM}
+
+
+def run(main: Callable[[], None], *, writes_outputs: bool = True) -> None:
+    """Run `main`, exiting non-zero with one readable line on any failure.
+
+    `writes_outputs`: a pipeline stage; it holds this workspace's lock for its name, so two runs of
+    one stage cannot overwrite each other's outputs. Commands that write no DVC output (predict,
+    report) pass False and take no lock.
+    """
+    for signum in SIGNALS:
+        signal.signal(signum, _on_signal)
+    if hasattr(signal, "SIGXFSZ"):  # a file-size limit (ulimit -f): an OSError to report, not a silent kill
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        if UNDER_DVC:
+            _end_with_dvc()
+        if writes_outputs:
+            module = getattr(sys.modules.get("__main__"), "__spec__", None)
+            _only_one(module.name if module else Path(sys.argv[0]).stem)
+        main()
+    except ParamError as exc:  # refused by check, before DVC deleted any other stage's outputs
+        _fail(f"error: {exc}", 2)
+    except StageError as exc:
+        _fail(f"error: {exc}; {KEPT}" if UNDER_DVC else f"error: {exc}", 2)
+    except OSError as exc:
+        if exc.filename is None and exc.errno not in RESOURCE_ERRNOS:
+            _internal(exc)
+        where = f"{exc.filename}: " if exc.filename else ""
+        _fail(f"error: cannot read or write {where}{exc.strerror or exc}; {KEPT}", 2)
+    except MemoryError:
+        _fail(f"error: out of memory (try a smaller train.batch_size or model); {KEPT}", 2)
+    except Exception as exc:  # a bug, not a user error: still one line
+        _internal(exc)
+
+
+def _internal(exc: BaseException) -> None:
+    if os.environ.get("STAGES_TRACEBACK"):
+        traceback.print_exception(exc)
+    _fail(f"internal error: {type(exc).__name__}: {exc} (a bug; STAGES_TRACEBACK=1 shows where)", 1)
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    """Stop here, without unwinding through TensorFlow (its threads may be mid-step): drop the
+    writes under way, say so, and exit at once."""
+    atomic.abandon_all()
+    what, status = SIGNALS[signal.Signals(signum)]
+    _fail(f"{what}: {KEPT}", status, now=True)
+
+
+def _end_with_dvc() -> None:
+    """Stop as on SIGTERM when the `dvc` that started this stage ends (killed, even with SIGKILL).
+
+    DVC runs a stage's command in `$SHELL -c` (or `/bin/sh -c`): the stage's parent is dvc, or a
+    shell whose parent is dvc. The nearest ancestor whose command line is `dvc ...` is watched.
+    """
+    dvc = _find_dvc()
+    if dvc is None:
+        return
+    try:
+        handle = os.pidfd_open(dvc)  # readable once that process has ended
+    except ProcessLookupError:  # it ended between finding it and opening it
+        _on_signal(signal.SIGTERM, None)
+    except (OSError, AttributeError):  # no pidfd here (not Linux, an old kernel, a sandbox): just run
+        return
+    else:
+        threading.Thread(target=_stop_when_readable, args=(handle,), daemon=True, name="end-with-dvc").start()
+
+
+def _find_dvc(levels: int = 4) -> int | None:
+    """The pid of the nearest ancestor running dvc, or None (not found, or /proc not readable)."""
+    pid = os.getppid()
+    for _ in range(levels):
+        if pid <= 0:  # the parent is outside this PID namespace
+            return None
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if any(Path(os.fsdecode(arg)).name in ("dvc", "dvc.exe") for arg in argv[:2]) or argv[1:3] == [
+                b"-m",
+                b"dvc",
+            ]:
+                return pid
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            return None
+    return None
+
+
+def _stop_when_readable(handle: int) -> None:
+    select.select([handle], [], [])
+    os.kill(os.getpid(), signal.SIGTERM)  # handled by `_on_signal` on the main thread
+
+
+def _only_one(name: str) -> None:
+    """Hold an exclusive lock for this stage in this workspace, or stop with a clear line."""
+    if not Path(".dvc").is_dir():  # not run in a DVC project: nothing to share
+        return
+    lock_dir = Path(".dvc/tmp")
+    lock_dir.mkdir(exist_ok=True)
+    handle = open(lock_dir / f"stage-{name}.lock", "a+")  # noqa: SIM115 - held until the process ends
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise StageError(
+            f"another `{name}` is running in this folder; two runs in one workspace would overwrite each "
+            "other's outputs. Run experiments one at a time, or queue them: dvc exp run --queue ..., then "
+            "dvc exp run --run-all (each runs in its own copy)"
+        ) from None
+    _HELD.append(handle)
+
+
+_HELD: list = []
+
+
+def _fail(line: str, status: int, now: bool = False) -> None:
+    """Print one line and exit; `now` skips interpreter teardown, which TensorFlow's threads can
+    crash when a signal stopped them mid-step (the outputs were already cleaned up above)."""
+    print(" ".join(line.split()), file=sys.stderr, flush=True)
+    if now:
+        sys.stdout.flush()
+        os._exit(status)
+    sys.exit(status)

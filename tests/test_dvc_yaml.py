@@ -1,0 +1,100 @@
+"""dvc.yaml against the code: each stage's params are the sections it reads, its deps the modules it imports.
+
+DVC reruns a stage only for what dvc.yaml lists. A section a stage reads but does not list would
+leave a model "up to date" after a change; a module it imports but does not list, the same after
+an edit. These tests read the stages' source (no TensorFlow) and fail on either drift.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.lib import params
+from tests.conftest import ROOT
+
+DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+PIPELINE = [name for name in DVC_YAML if name != "check"]
+
+
+def lib_modules(path: Path, seen: set[str] | None = None) -> set[str]:
+    """stages/lib/*.py files that `path` imports, directly or through each other."""
+    seen = set() if seen is None else seen
+    for node in ast.walk(ast.parse(path.read_text())):
+        names: list[str] = []
+        if isinstance(node, ast.ImportFrom) and node.module == "stages.lib":
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("stages.lib."):
+            names = [node.module.split(".")[2]]
+        for name in names:
+            module = f"stages/lib/{name}.py"
+            if module not in seen:
+                seen.add(module)
+                lib_modules(ROOT / module, seen)
+    return seen
+
+
+def sections_read(path: Path) -> set[str]:
+    """The params sections a stage reads: `p.<section>` where `p = params.load()`."""
+    tree = ast.parse(path.read_text())
+    loads = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign)
+        and isinstance(node.value, ast.Call)
+        and ast.unparse(node.value.func) == "params.load"
+    ]
+    assert len(loads) == 1 and ast.unparse(loads[0].targets[0]) == "p", f"{path}: one `p = params.load()`"
+    return {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "p"
+    } & set(params.SECTIONS)
+
+
+@pytest.mark.parametrize("stage", list(DVC_YAML))
+def test_each_stage_lists_its_script_and_exactly_the_modules_it_imports(stage: str) -> None:
+    script = ROOT / f"stages/{stage}.py"
+    assert DVC_YAML[stage]["cmd"] == f"python -m stages.{stage}"
+    listed = {d for d in DVC_YAML[stage]["deps"] if d.startswith("stages/")}
+    assert listed == {f"stages/{stage}.py", *lib_modules(script)}
+
+
+@pytest.mark.parametrize("stage", PIPELINE)
+def test_each_stage_lists_exactly_the_params_sections_it_reads(stage: str) -> None:
+    assert set(DVC_YAML[stage]["params"]) == sections_read(ROOT / f"stages/{stage}.py")
+
+
+def test_every_section_of_the_schema_is_tracked_and_check_reads_the_whole_file() -> None:
+    tracked = [section for stage in PIPELINE for section in DVC_YAML[stage]["params"]]
+    assert sorted(tracked) == sorted(params.SECTIONS)  # each once: a stage owns its section
+    assert "params.yaml" in DVC_YAML["check"]["deps"] and "params" not in DVC_YAML["check"]
+    for stage in PIPELINE:
+        assert "data/params.ok" in DVC_YAML[stage]["deps"]
+
+
+def test_no_output_turns_the_run_cache_off() -> None:
+    """DVC skips its run-cache for a stage with a persisted output, or an uncached one that is not a metric."""
+    for stage in DVC_YAML.values():
+        for out in stage.get("outs", []):
+            options = next(iter(out.values())) if isinstance(out, dict) else {}
+            assert not options.get("persist") and options.get("cache", True), out
+
+
+def test_a_missing_key_takes_its_default_and_a_missing_section_is_one_line(tmp_path: Path) -> None:
+    file = tmp_path / "params.yaml"
+    file.write_text("data: {}\nnormalize: {}\nmodel: {}\ntrain:\n  epochs: 3\nevaluate: {}\n")
+    loaded = params.load(file)
+    assert (
+        loaded.train.epochs == 3 and loaded.train.loss_args == {} and loaded == params.parse({"train": {"epochs": 3}})
+    )
+    for text, first in [("", "data"), ("data: {}\nnormalize: {}\nmodel: {}\ntrain: {}\n", "evaluate")]:
+        file.write_text(text)
+        with pytest.raises(params.ParamError) as exc:
+            params.load(file)
+        message = str(exc.value)
+        assert message.startswith(f"params.yaml: {first}: section missing (`{first}:`") and "\n" not in message
+        assert f"`{first}: {{}}` takes all of its defaults" in message

@@ -1,0 +1,132 @@
+"""A stage runs the same wherever pipelines run: as a container's PID 1, from a shell whose parent
+is outside the PID namespace (docker/kubectl exec), under a `dvc repro` that is PID 1, detached
+with nohup after its terminal is gone. Real processes in real PID namespaces (`unshare`, as root).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ENV, VENV_BIN, git_project, run
+
+PYTHON = str(VENV_BIN / "python")
+
+
+def _can_unshare() -> bool:
+    try:
+        return subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], check=False).returncode == 0
+    except OSError:
+        return False
+
+
+needs_pid_namespace = pytest.mark.skipif(
+    not _can_unshare(), reason="needs `unshare --pid` (root, or user namespaces), as CI has"
+)
+IN_NAMESPACE = ["unshare", "--pid", "--fork", "--mount-proc"]
+
+
+def assert_one_clean_success(proc: subprocess.CompletedProcess[str], expected: str) -> None:
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    assert expected in output and "error" not in output.lower() and "terminated" not in output, output
+
+
+@needs_pid_namespace
+def test_a_stage_that_is_pid_1_runs(project: Path) -> None:
+    """`docker run IMAGE python -m stages.download`, a Kubernetes container's command."""
+    proc = run([*IN_NAMESPACE, PYTHON, "-c", "import os; assert os.getpid() == 1"], project)
+    proc = run([*IN_NAMESPACE, PYTHON, "-m", "stages.download"], project, check=False)
+    assert_one_clean_success(proc, "-> data/raw/dataset.npz")
+
+
+@pytest.fixture
+def namespace() -> Iterator[int]:
+    """A PID namespace kept open by a sleeping PID 1; `nsenter` into it starts a process with PPID 0."""
+    holder = subprocess.Popen([*IN_NAMESPACE, "sleep", "300"])
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            children = Path(f"/proc/{holder.pid}/task/{holder.pid}/children").read_text().split()
+            if children:
+                yield int(children[0])
+                return
+            time.sleep(0.05)
+        pytest.fail("the namespace's PID 1 never started")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@needs_pid_namespace
+@pytest.mark.parametrize("under_dvc", [False, True], ids=["by-hand", "DVC_STAGE-set"])
+def test_a_stage_started_from_a_shell_whose_parent_is_outside_the_namespace_runs(
+    project: Path, namespace: int, under_dvc: bool
+) -> None:
+    """`docker exec` / `kubectl exec` into a container, then the stage from that shell (PPID 0)."""
+    env = {**ENV, **({"DVC_STAGE": "download"} if under_dvc else {})}
+    script = f'test "$PPID" = 0 || exit 99; cd {project} && {PYTHON} -m stages.download'
+    proc = subprocess.run(
+        ["nsenter", "-t", str(namespace), "-p", "-m", "bash", "-c", script],
+        cwd=project, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert_one_clean_success(proc, "-> data/raw/dataset.npz")
+
+
+@needs_pid_namespace
+def test_dvc_repro_as_pid_1_runs_its_stages(tmp_path: Path) -> None:
+    """`dvc repro` as a CI job's or a Kubernetes pod's entrypoint: each stage's dvc is PID 1."""
+    repo = git_project(tmp_path)
+    proc = run([*IN_NAMESPACE, str(VENV_BIN / "dvc"), "repro", "normalize"], repo, check=False)
+    assert_one_clean_success(proc, "Running stage 'normalize'")
+    assert "Data and pipelines are up to date." in run(["dvc", "status", "normalize"], repo).stdout
+    assert (repo / "data/normalized/dataset.npz").is_file()
+
+
+def test_a_detached_stage_outlives_the_shell_that_started_it(project: Path) -> None:
+    """`nohup python -m stages.download &`, then the terminal closes: the stage carries on to the end."""
+    shell = subprocess.run(
+        ["bash", "-c", f"nohup {PYTHON} -m stages.download > log.txt 2>&1 & echo $!"],
+        cwd=project, env=ENV, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    pid = int(shell.stdout.split()[-1])  # the shell has exited; the stage goes on, reparented
+    deadline = time.monotonic() + 120
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    log = (project / "log.txt").read_text()
+    assert "-> data/raw/dataset.npz" in log and "terminated" not in log, log
+    assert (project / "data/raw/dataset.npz").is_file()
+
+
+def test_a_detached_dvc_repro_finishes_after_its_shell_exits(tmp_path: Path) -> None:
+    """`nohup dvc repro &` (or setsid) from a terminal that then closes."""
+    repo = git_project(tmp_path)
+    subprocess.run(
+        ["bash", "-c", "setsid nohup sh -c 'dvc repro normalize; echo $? > rc' > log.txt 2>&1 &"],
+        cwd=repo, env=ENV, timeout=60, check=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not (repo / "rc").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    log = (repo / "log.txt").read_text()
+    assert (repo / "rc").read_text().strip() == "0" and "terminated" not in log, log
+    assert "Data and pipelines are up to date." in run(["dvc", "status", "normalize"], repo).stdout
+
+
+def test_commands_that_write_no_dvc_output_take_no_lock(project: Path) -> None:
+    """predict and report may run while a stage holds its lock (they read, or write only the user's files)."""
+    (project / ".dvc").mkdir()
+    code = "from stages.lib import runner; import time; runner.run(lambda: time.sleep(30))"
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=project, env=ENV)
+    try:
+        time.sleep(1.0)
+        code = "from stages.lib import runner; runner.run(lambda: print('ran'), writes_outputs=False)"
+        assert run([sys.executable, "-c", code], project).stdout == "ran\n"
+    finally:
+        holder.kill()
+        holder.wait()
