@@ -24,7 +24,7 @@ from ruamel.yaml import YAML
 
 from stages.lib import atomic, datasets, params
 from stages.lib.errors import DataError, ParamError
-from tests.conftest import ROOT, run
+from tests.conftest import ENV, ROOT, run
 
 DEFAULTS = YAML(typ="safe", pure=True).load((ROOT / "params.yaml").read_text())
 
@@ -353,3 +353,16 @@ def test_sigterm_is_one_line_and_exit_143(project: Path) -> None:
     assert stderr.strip() == (
         "terminated (SIGTERM, or dvc was stopped): the previous outputs are kept; run it again to recover"
     )
+
+
+def test_an_os_error_not_about_a_users_path_is_an_internal_error_with_a_traceback_on_request(project: Path) -> None:
+    code = "import errno; from stages.lib import runner\ndef main(): raise OSError(errno.EINVAL, 'Invalid argument')\n"
+    code += "runner.run(main, writes_outputs=False)"
+    plain = run([sys.executable, "-c", code], project, check=False)
+    assert plain.returncode == 1 and plain.stderr.startswith("internal error: OSError: [Errno 22] Invalid argument")
+    assert "Traceback" not in plain.stderr
+    shown = subprocess.run(
+        [sys.executable, "-c", code], cwd=project, env={**ENV, "STAGES_TRACEBACK": "1"},
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert shown.returncode == 1 and "Traceback (most recent call last)" in shown.stderr and "in main" in shown.stderr
