@@ -5,7 +5,13 @@ paper, a few hundred pixels, off-centre; every third one a JPEG, see tests/digit
 back through `stages.predict`'s preparation (`stages.lib.images`) and the shipped model, and
 compared with the label and with the model's answer on the untouched 28x28 original.
 
-    python benchmarks/rendered_digits.py [--examples data/examples]
+Then each digit is drawn once more and saved plain (PNG) and with each twist of
+tests/digits.py (a phone's EXIF orientation, 16-bit and float files, ink only in the alpha
+channel, animations); a twist should read as its plain page does. A file that cannot be
+read counts as a disagreement. 21 files per digit: about 4 minutes on 2 cores for the default
+1,000 digits (`--twisted 200` for a quicker look). Results: docs/images.md.
+
+    python benchmarks/rendered_digits.py [--examples data/examples] [--twisted 1000]
 
 `--examples DIR` also writes the first few rendered digits there (the README's picture).
 """
@@ -22,13 +28,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stages.lib import images, serving
-from tests.digits import render
+from tests.digits import TWISTS, page, render
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=Path, help="also keep a few rendered digits in this folder")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--twisted", type=int, default=1000, metavar="N", help="digits per twist (0: none)")
     args = parser.parse_args()
     raw = np.load("data/raw/dataset.npz")
     x, y = raw["x_test"], raw["y_test"]
@@ -56,6 +63,35 @@ def main() -> None:
     print(
         f"\npreparation: {1000 * prepare_s / len(y):.1f} ms per image (median file {np.median(sizes) / 1024:.0f} KiB)"
     )
+    if args.twisted:
+        twisted(model, x[: args.twisted], y[: args.twisted], args.seed)
+
+
+def twisted(model: object, x: np.ndarray, y: np.ndarray, seed: int) -> None:
+    """Each digit drawn once, saved plain and with every twist; one table row per twist."""
+    rng = np.random.default_rng(seed + 1)
+    names = ["plain PNG", *TWISTS]
+    seen = {name: np.zeros((len(y), 28, 28), np.uint8) for name in names}
+    read_ok = {name: np.zeros(len(y), bool) for name in names}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, digit in enumerate(x):
+            drawn = page(digit, rng)
+            made = {"plain PNG": Path(tmp, "plain.png")}
+            drawn.save(made["plain PNG"])
+            for k, (name, (suffix, make)) in enumerate(TWISTS.items()):
+                made[name] = make(drawn, Path(tmp, f"{k}{suffix}"), rng)
+            for name, path in made.items():
+                try:
+                    seen[name][i] = images.load(path)[1]
+                    read_ok[name][i] = True
+                except images.ImageError:
+                    pass  # counted as not read, and as a disagreement
+    read = {name: model.predict(pictures, verbose=0).argmax(axis=1) for name, pictures in seen.items()}
+    print("\n| the same page, saved as | digits | accuracy | agrees with the plain PNG | not read |")
+    print("|---|---|---|---|---|")
+    for name in names:
+        right, agree = (read[name] == y) & read_ok[name], (read[name] == read["plain PNG"]) & read_ok[name]
+        print(f"| {name} | {len(y)} | {right.mean():.4f} | {agree.mean():.4f} | {(~read_ok[name]).sum()} |")
 
 
 if __name__ == "__main__":

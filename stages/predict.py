@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from stages.lib import errors, images, serving
+from stages.lib import images, runner, serving
 
 
 def parse_args() -> argparse.Namespace:
@@ -40,9 +40,11 @@ def main() -> None:
     inputs, failures = [], []
     for path in args.images:
         try:
-            inputs.append((path, *images.load(path)))
+            gray, seen = images.load(path)
         except images.ImageError as exc:
             failures.append(str(exc))
+            continue
+        inputs.append((path, gray if args.show else None, seen))  # the full-size image only to draw it
     if inputs:
         model, card = serving.load(args.model)
         outputs = model.predict(np.stack([seen for _, _, seen in inputs]), verbose=0)
@@ -94,4 +96,4 @@ def show(inputs: list[tuple[Path, np.ndarray, np.ndarray]], outputs: np.ndarray,
 
 
 if __name__ == "__main__":
-    errors.run(main)
+    runner.run(main, writes_outputs=False)

@@ -18,7 +18,18 @@ from PIL import Image
 
 from stages.lib import images, params, registry, serving
 from tests.conftest import ROOT, run, write_params
-from tests.digits import render
+from tests.digits import (
+    TWISTS,
+    alpha_only,
+    animated,
+    floating,
+    oriented,
+    page,
+    pencil_scan,
+    png_rgb16,
+    render,
+    sixteen_bit,
+)
 
 PYTHON = sys.executable
 
@@ -144,16 +155,72 @@ def test_bad_inputs_are_one_line_each_and_exit_2(trained: Path, tmp_path: Path) 
     )
 
 
+# --- images as people's devices make them: each read as the plain page ---
+
+TWISTED_DIGITS = 100
+
+
+def plain(drawn: Image.Image, path: Path, rng: np.random.Generator) -> Path:
+    drawn.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def twisted(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[np.ndarray, list[str]]]:
+    """100 test digits each drawn once, saved plain (PNG) and with every twist of tests/digits.py,
+    all read by one `predict --json`: per kind, the digits read (-1: refused) and its error lines."""
+    x, _ = raw_test_split(trained)
+    folder = tmp_path_factory.mktemp("twisted")
+    rng = np.random.default_rng(14)
+    kinds = {"plain": (".png", plain), **TWISTS}
+    files: dict[str, list[Path]] = {name: [] for name in kinds}
+    for i in range(TWISTED_DIGITS):
+        drawn = page(x[i], rng)
+        for k, (name, (suffix, make)) in enumerate(kinds.items()):
+            files[name].append(make(drawn, folder / f"{i}-{k}{suffix}", rng))
+    everything = [str(f) for fs in files.values() for f in fs]
+    proc = run([PYTHON, "-m", "stages.predict", "--json", *everything], trained, check=False)
+    assert proc.returncode in (0, 2) and proc.stdout, proc.stderr[-3000:]
+    read = {p["file"]: p["digit"] for p in json.loads(proc.stdout)["predictions"]}
+    kind_of = {str(f): name for name, fs in files.items() for f in fs}
+    errors: dict[str, list[str]] = {name: [] for name in kinds}
+    for line in proc.stderr.splitlines():
+        if line.startswith("error: ") and line.split(": ")[1] in kind_of:
+            errors[kind_of[line.split(": ")[1]]].append(line)
+    return {name: (np.array([read.get(str(f), -1) for f in fs]), errors[name]) for name, fs in files.items()}
+
+
+def test_every_plain_page_is_read(twisted: dict[str, tuple[np.ndarray, list[str]]]) -> None:
+    digits, errors = twisted["plain"]
+    assert len(digits) >= 100 and (digits >= 0).all() and not errors
+
+
+@pytest.mark.parametrize("kind", list(TWISTS))
+def test_a_page_saved_as_a_device_saves_it_reads_as_the_plain_page(
+    twisted: dict[str, tuple[np.ndarray, list[str]]], kind: str
+) -> None:
+    """Phone JPEGs in all 8 EXIF orientations, 16-bit and float files, a faint 16-bit pencil
+    scan, ink only in the alpha channel, animations: at least 95% read as the plain PNG."""
+    digits, errors = twisted[kind]
+    agreement = float(((digits == twisted["plain"][0]) & (digits >= 0)).mean())
+    assert agreement >= 0.95, (agreement, errors[:3])
+
+
 # --- the MNIST-style preparation, on its own (no model) ---
 
 
-def ink_image(path: Path, *, dark_on_light: bool, size: tuple[int, int] = (400, 300), mode: str = "L") -> Path:
-    """A thick 'L'-shaped stroke, off-centre, on a plain page."""
-    page = np.full(size[::-1], 250 if dark_on_light else 5, dtype=np.uint8)
+def stroke(*, dark_on_light: bool = True, size: tuple[int, int] = (400, 300)) -> np.ndarray:
+    """A thick 'L'-shaped stroke, off-centre, on a plain page: uint8 (height, width)."""
+    drawn = np.full(size[::-1], 250 if dark_on_light else 5, dtype=np.uint8)
     ink = 20 if dark_on_light else 240
-    page[60:220, 250:270] = ink  # vertical bar: 160 tall
-    page[200:220, 250:330] = ink  # foot: 80 wide
-    Image.fromarray(page).convert(mode).save(path)
+    drawn[60:220, 250:270] = ink  # vertical bar: 160 tall
+    drawn[200:220, 250:330] = ink  # foot: 80 wide
+    return drawn
+
+
+def ink_image(path: Path, *, dark_on_light: bool, size: tuple[int, int] = (400, 300), mode: str = "L") -> Path:
+    """`stroke` saved to `path` in `mode`."""
+    Image.fromarray(stroke(dark_on_light=dark_on_light, size=size)).convert(mode).save(path)
     return path
 
 
@@ -199,6 +266,144 @@ def test_each_bad_image_is_a_clear_error(tmp_path: Path, name: str, make: object
     with pytest.raises(images.ImageError, match=message) as exc:
         images.load(path)
     assert str(exc.value).startswith(str(path)) and "\n" not in str(exc.value)
+
+
+# --- images as people's devices make them, read as a viewer shows them (no model) ---
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_is_shown_as_a_viewer_shows_it(tmp_path: Path, orientation: int) -> None:
+    """Pixels stored turned or mirrored (numpy, from the EXIF spec) come back upright, in every format."""
+    upright = Image.fromarray(stroke())  # an L: any turn or mirror shows
+    for suffix in (".png", ".tif", ".webp"):  # lossless: exactly the upright page
+        path = oriented(upright, tmp_path / f"photo{suffix}", orientation)
+        np.testing.assert_array_equal(images.read_gray(path), stroke(), err_msg=suffix)
+    photo = images.read_gray(oriented(upright, tmp_path / "photo.jpg", orientation))
+    assert photo.shape == (300, 400) and np.abs(photo - stroke()).mean() < 2  # JPEG artefacts only
+
+
+def test_exif_that_cannot_be_parsed_is_ignored_as_viewers_ignore_it(tmp_path: Path) -> None:
+    for suffix in (".png", ".jpg", ".webp"):
+        Image.fromarray(stroke()).save(tmp_path / f"odd{suffix}", exif=b"Exif\x00\x00not a TIFF header")
+        assert images.read_gray(tmp_path / f"odd{suffix}").shape == (300, 400)
+
+
+@pytest.mark.parametrize(
+    ("make", "mode"),
+    [
+        (lambda d, p: sixteen_bit(d, p.with_suffix(".png")), "I;16"),
+        (lambda d, p: sixteen_bit(d, p.with_suffix(".tif"), ">"), "I;16B"),
+        (lambda d, p: png_rgb16(d, p.with_suffix(".png")), "RGB"),  # Pillow reads it as 8-bit, scaled
+        (lambda d, p: floating(d, p.with_suffix(".tif"), 1.0), "F"),
+        (lambda d, p: floating(d, p.with_suffix(".tif"), 255.0), "F"),
+        (lambda d, p: _save(np.asarray(d, np.int32) * 257, p.with_suffix(".tif")), "I"),  # 0..65535
+        (lambda d, p: _save(np.asarray(d, np.int32), p.with_suffix(".tif")), "I"),  # 0..255
+    ],
+    ids=["16-bit PNG", "16-bit big-endian TIFF", "16-bit RGB PNG", "float 0..1", "float 0..255", "int32 16", "int32 8"],
+)
+def test_any_bit_depth_or_float_range_is_scaled_not_clipped(tmp_path: Path, make: object, mode: str) -> None:
+    path = make(Image.fromarray(stroke()), tmp_path / "scan")  # type: ignore[operator]
+    with Image.open(path) as img:
+        assert img.mode == mode  # the mode under test is the one Pillow gives
+    np.testing.assert_allclose(images.read_gray(path), stroke(), atol=1e-3)
+    np.testing.assert_array_equal(
+        images.load(path)[1], images.load(ink_image(tmp_path / "a.png", dark_on_light=True))[1]
+    )
+
+
+@pytest.mark.parametrize(
+    ("dtype", "values", "expected"),
+    [
+        (np.float32, [0, 0.5, 1], [0, 127.5, 255]),  # largest value at most 1: 0..1
+        (np.float32, [0, 1.5, 255], [0, 1.5, 255]),  # at most 255: 0..255
+        (np.float32, [0, 257, 65535], [0, 1, 255]),  # at most 65535: 0..65535
+        (np.float32, [0, 5e5, 1e6], [0, 127.5, 255]),  # beyond: 0 to its largest value
+        (np.float32, [-0.5, 0, 1], [0, 0, 255]),  # below 0 is black
+        (np.int32, [0, 100, 255], [0, 100, 255]),
+        (np.int32, [0, 257, 65535], [0, 1, 255]),
+        ("<u2", [0, 257, 1285], [0, 1, 5]),  # 16-bit: always 0..65535, however dark
+        (">u2", [0, 257, 65535], [0, 1, 255]),
+    ],
+)
+def test_high_bit_depths_are_scaled_by_the_range_they_use(dtype: object, values: list, expected: list) -> None:
+    gray = images.gray_levels(Image.fromarray(np.array([values], dtype=dtype)))  # type: ignore[call-overload]
+    assert gray.dtype == np.float32
+    np.testing.assert_allclose(gray, [expected], rtol=1e-6, atol=1e-4)
+
+
+def test_nan_or_infinite_values_are_a_clear_error(tmp_path: Path) -> None:
+    values = stroke().astype(np.float32)
+    values[0, 0] = np.nan
+    _save(values, tmp_path / "nan.tif")
+    with pytest.raises(
+        images.ImageError, match=r"nan.tif: cannot read the image \(its values include NaN or infinity\)"
+    ):
+        images.load(tmp_path / "nan.tif")
+
+
+def test_a_faint_16_bit_pencil_scan_reads_as_the_page_and_a_fainter_one_is_blank(tmp_path: Path) -> None:
+    """The issue's scan (ink at 12% of full scale on 94% paper) and paler pencil; under 40 grey
+    levels (16%) of contrast is blank, as in 8 bits."""
+    reference = images.load(ink_image(tmp_path / "a.png", dark_on_light=True))[1]
+    rng = np.random.default_rng(0)
+    for pencil, paper in [(0.12, 0.94), (0.55, 0.94), (0.70, 0.90)]:
+        scan = pencil_scan(Image.fromarray(stroke()), tmp_path / "scan.tif", rng, pencil, paper)
+        assert np.abs(images.load(scan)[1].astype(int) - reference).max() <= 60, (pencil, paper)  # sensor noise
+    faint = pencil_scan(Image.fromarray(stroke()), tmp_path / "faint.tif", rng, 0.85, 0.94)
+    with pytest.raises(images.NoInkError, match="no ink found"):
+        images.load(faint)
+
+
+@pytest.mark.parametrize("colour", [(255, 255, 255), (255, 240, 120), (200, 200, 200), (0, 0, 128)])
+def test_ink_only_in_the_alpha_channel_is_read(tmp_path: Path, colour: tuple[int, int, int]) -> None:
+    """One colour for every stroke, the canvas transparent: white and pale ink vanish on white
+    paper, so the opacity is the ink; dark ink reads as before."""
+    reference = images.load(ink_image(tmp_path / "a.png", dark_on_light=True))[1]
+    canvas = alpha_only(Image.fromarray(stroke()), tmp_path / "canvas.png", colour)
+    np.testing.assert_array_equal(images.load(canvas)[1], reference)
+
+
+def test_a_uniform_colour_with_the_ink_in_alpha_reads_in_every_transparent_mode(tmp_path: Path) -> None:
+    reference = images.load(ink_image(tmp_path / "a.png", dark_on_light=True))[1]
+    opacity = np.where(stroke() == 20, 255, 0).astype(np.uint8)  # a GIF's transparency is all or nothing
+    la = np.stack([np.full_like(opacity, 255), opacity], axis=-1)
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")  # white everywhere, canvas pixels included
+    Image.fromarray(la, "LA").convert("RGBA").save(tmp_path / "web.gif")  # palette + a transparent index
+    for name in ("la.png", "web.gif"):
+        np.testing.assert_array_equal(images.load(tmp_path / name)[1], reference, err_msg=name)
+
+
+def test_an_opaque_sheet_on_a_transparent_canvas_is_read_by_its_ink_not_its_outline(tmp_path: Path) -> None:
+    reference = images.load(ink_image(tmp_path / "a.png", dark_on_light=True))[1]
+    rgba = np.zeros((300, 400, 4), dtype=np.uint8)  # transparent
+    rgba[20:280, 200:380] = (250, 250, 250, 255)  # a sheet of paper, opaque...
+    rgba[..., :3][stroke() == 20] = 20  # ...with the stroke drawn on it
+    Image.fromarray(rgba).save(tmp_path / "sheet.png")
+    np.testing.assert_array_equal(images.load(tmp_path / "sheet.png")[1], reference)
+
+
+def test_a_fully_transparent_image_is_blank(tmp_path: Path) -> None:
+    Image.new("RGBA", (200, 200), (255, 255, 255, 0)).save(tmp_path / "clear.png")
+    with pytest.raises(images.NoInkError, match="clear.png: no ink found"):
+        images.load(tmp_path / "clear.png")
+
+
+@pytest.mark.parametrize("suffix", [".gif", ".tif", ".webp"])
+def test_the_first_frame_is_read_and_a_blank_one_is_named_as_the_cause(tmp_path: Path, suffix: str) -> None:
+    reference = images.load(ink_image(tmp_path / "a.png", dark_on_light=True))[1]
+    drawn = Image.fromarray(stroke())
+    np.testing.assert_array_equal(images.load(animated(drawn, tmp_path / f"first{suffix}"))[1], reference)
+    blank_first = animated(drawn, tmp_path / f"later{suffix}", first_blank=True)
+    with pytest.raises(images.NoInkError) as exc:
+        images.load(blank_first)
+    assert str(exc.value) == (
+        f"{blank_first}: has 3 frames; only the first is read, and it is blank (save the digit's frame on its own)"
+    )
+
+
+def _save(values: np.ndarray, path: Path) -> Path:
+    Image.fromarray(values).save(path)
+    return path
 
 
 def _png_bytes() -> bytes:

@@ -5,15 +5,20 @@ so its longer side is 20 pixels (aspect ratio kept, anti-aliased), then placed i
 so that its centre of mass sits at the centre. `to_mnist` applies it to any PNG/JPEG/... a
 person makes: any size, colour or transparency, dark ink on paper or light ink on a screen.
 An image that already is MNIST-style (28x28, dark background) is used as it is.
+
+Images are read as a viewer shows them (`read_gray`): the EXIF orientation applied, any bit
+depth scaled to 0-255 (never clipped), transparency shown on white paper, the first frame of
+an animation. What people can hand over is described in docs/images.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from stages.lib.errors import StageError
 
@@ -21,19 +26,31 @@ MAX_PIXELS = 25_000_000  # 5000 x 5000: larger images are refused before they ar
 SIDE, BOX = 28, 20  # the MNIST frame, and the longer side of the digit inside it
 INK_THRESHOLD = 0.2  # share of the strongest ink that counts as ink (bounding box, blank check)
 MIN_CONTRAST = 40  # grey levels between background and the strongest ink; less is a blank image
+WHITES = {"F": (1.0, 255.0, 65535.0), "I": (255.0, 65535.0)}  # the full scales a float or int image may use
 
 
 class ImageError(StageError):
     """An input image cannot be read or holds no digit."""
 
 
+class NoInkError(ImageError):
+    """The image is blank or nearly uniform: no digit in it."""
+
+
 def read_gray(path: str | Path) -> np.ndarray:
-    """The image at `path` as float grey levels 0-255 (transparency composited onto white)."""
+    """The image at `path` as a viewer shows its first frame: float32 (height, width), 0 black to 255 white.
+
+    Raises ImageError, with `path` and the cause in one line, for a file that is missing, not
+    an image, corrupt, larger than MAX_PIXELS, or holds NaN or infinite values.
+    """
     path = Path(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            warnings.simplefilter("ignore", UserWarning)  # Pillow's notes on odd files it reads anyway
+            # From a file object, not a path: Pillow (11-13) memory-maps an uncompressed TIFF opened
+            # by path with its size already turned for orientations 5-8, and the pixels come out garbled.
+            with path.open("rb") as file, Image.open(file) as img:
                 width, height = img.size
                 if width * height > MAX_PIXELS:
                     raise ImageError(
@@ -41,11 +58,8 @@ def read_gray(path: str | Path) -> np.ndarray:
                         "(scale it down first, a digit needs only a few hundred)"
                     )
                 img.load()
-                picture = img
-                if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                    rgba = img.convert("RGBA")  # ink drawn on a transparent canvas: put it on white paper
-                    picture = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
-                gray = picture.convert("L")
+                _upright(img)
+                return gray_levels(img)
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -57,7 +71,47 @@ def read_gray(path: str | Path) -> np.ndarray:
         raise ImageError(f"{path}: refused as too large ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:  # unreadable, truncated or corrupt image data
         raise ImageError(f"{path}: cannot read the image ({exc})") from None
-    return np.asarray(gray, dtype=np.float64)
+
+
+def gray_levels(img: Image.Image) -> np.ndarray:
+    """A decoded Pillow image -> float32 (height, width) grey levels, 0 black to 255 white.
+
+    High bit depths are scaled, not clipped. 16-bit modes (I;16, I;16B, ...) span 0-65535.
+    32-bit integer (I) and float (F) images span 0 to the first of 1 (floats only), 255 and
+    65535 that holds their largest value (beyond 65535: 0 to that value); negative values are
+    black. Pillow itself reads 16-bit RGB(A) as 8-bit RGB(A), scaled.
+    Transparency is shown on white paper; when that leaves no ink but the alpha channel holds
+    some (a white or light digit on a transparent canvas), the opacity is the ink (opaque =
+    black). Raises ValueError for NaN or infinite values.
+    """
+    if img.mode in WHITES or img.mode.startswith("I;16"):
+        gray = np.array(img, dtype=np.float32)
+        if not np.isfinite(gray).all():
+            raise ValueError("its values include NaN or infinity")
+        top = float(gray.max(initial=0))
+        white = 65535.0 if img.mode.startswith("I;16") else next((w for w in WHITES[img.mode] if top <= w), top)
+        gray *= 255 / white
+        return np.maximum(gray, 0, out=gray)
+    if img.mode not in ("RGBA", "LA", "PA", "La", "RGBa") and "transparency" not in img.info:
+        return np.asarray(img.convert("L"), dtype=np.float32)
+    rgba = img.convert("RGBA")
+    shown = np.asarray(Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("L"), np.float32)
+    if ink_contrast(shown) >= MIN_CONTRAST:
+        return shown
+    opacity = 255 - np.asarray(rgba.getchannel("A"), dtype=np.float32)
+    return opacity if ink_contrast(opacity) >= MIN_CONTRAST else shown
+
+
+def ink(gray: np.ndarray) -> np.ndarray:
+    """Grey levels (height, width) -> the ink in them, >= 0: how far each pixel is from the page
+    (the median of the border), toward dark on a light page and toward light on a dark one."""
+    background = float(np.median(_border(gray)))
+    return np.clip(gray - background if background < 128 else background - gray, 0, None)
+
+
+def ink_contrast(gray: np.ndarray) -> float:
+    """Grey levels between the page and the strongest ink (0 for a blank image)."""
+    return float(ink(gray).max())
 
 
 def is_mnist_style(gray: np.ndarray) -> bool:
@@ -66,18 +120,20 @@ def is_mnist_style(gray: np.ndarray) -> bool:
 
 
 def to_mnist(gray: np.ndarray, name: str = "image") -> np.ndarray:
-    """Grey levels of any size -> uint8 (28, 28), light ink on black, framed the way MNIST was."""
+    """Grey levels of any size -> uint8 (28, 28), light ink on black, framed the way MNIST was.
+
+    Raises NoInkError (naming `name`) when the strongest ink is under MIN_CONTRAST grey levels.
+    """
     if is_mnist_style(gray):
         return np.clip(np.rint(gray), 0, 255).astype(np.uint8)
-    background = float(np.median(_border(gray)))
-    ink = gray - background if background < 128 else background - gray  # light ink on dark, either way
-    ink = np.clip(ink, 0, None)
-    if ink.max() < MIN_CONTRAST:
-        raise ImageError(f"{name}: no ink found (a blank or nearly uniform image); draw a dark digit on a light page")
-    ink = ink / ink.max()
-    ink[ink < INK_THRESHOLD / 2] = 0  # paper texture and JPEG noise
-    rows, cols = np.flatnonzero((ink >= INK_THRESHOLD).any(axis=1)), np.flatnonzero((ink >= INK_THRESHOLD).any(axis=0))
-    digit = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    strokes = ink(gray)
+    if strokes.max() < MIN_CONTRAST:
+        raise NoInkError(f"{name}: no ink found (a blank or nearly uniform image); draw a dark digit on a light page")
+    strokes = strokes / strokes.max()
+    strokes[strokes < INK_THRESHOLD / 2] = 0  # paper texture and JPEG noise
+    marked = strokes >= INK_THRESHOLD
+    rows, cols = np.flatnonzero(marked.any(axis=1)), np.flatnonzero(marked.any(axis=0))
+    digit = strokes[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
 
     scale = BOX / max(digit.shape)
     size = (max(1, round(digit.shape[1] * scale)), max(1, round(digit.shape[0] * scale)))  # (width, height)
@@ -94,9 +150,28 @@ def to_mnist(gray: np.ndarray, name: str = "image") -> np.ndarray:
 
 
 def load(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """(the image as read, in grey levels; the 28x28 uint8 MNIST-style picture made of it)."""
+    """(the image as read: float32 grey levels (height, width); the uint8 (28, 28) MNIST-style picture).
+
+    Raises ImageError; for a blank first frame of an animation, the message says only it is read.
+    """
     gray = read_gray(path)
-    return gray, to_mnist(gray, str(path))
+    try:
+        return gray, to_mnist(gray, str(path))
+    except NoInkError:
+        with Image.open(path) as img:
+            frames = getattr(img, "n_frames", 1)
+        if frames == 1:
+            raise
+        raise NoInkError(
+            f"{path}: has {frames} frames; only the first is read, and it is blank (save the digit's frame on its own)"
+        ) from None
+
+
+def _upright(img: Image.Image) -> None:
+    """Turn or mirror `img` in place as its EXIF orientation says (a phone's sideways pixels shown
+    upright). EXIF that Pillow cannot parse is ignored, as viewers ignore it."""
+    with contextlib.suppress(OSError, SyntaxError, ValueError):
+        ImageOps.exif_transpose(img, in_place=True)
 
 
 def _border(gray: np.ndarray) -> np.ndarray:
