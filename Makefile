@@ -37,10 +37,10 @@ lint: setup
 LOSSES     ?= sparse_categorical_crossentropy,categorical_crossentropy,binary_crossentropy,categorical_focal_crossentropy,binary_focal_crossentropy,kl_divergence,poisson,categorical_hinge,squared_hinge,mean_squared_error
 OPTIMIZERS ?= adam,sgd,rmsprop
 JOBS       ?= $(shell nproc 2>/dev/null || echo 1)
+# Failed experiments are named and the target fails (after writing the report of those that finished).
 sweep: setup
-	$(RUN) $(BIN)/dvc exp run --queue -S "train.loss=$(LOSSES)" -S "train.optimizer.name=$(OPTIMIZERS)"
-	$(RUN) $(BIN)/dvc exp run --run-all --jobs $(JOBS)
-	$(RUN) $(BIN)/python -m stages.report --readme README.md
+	$(RUN) $(BIN)/python -m stages.sweep -S "train.loss=$(LOSSES)" -S "train.optimizer.name=$(OPTIMIZERS)" \
+		--jobs $(JOBS); status=$$?; $(RUN) $(BIN)/python -m stages.report --readme README.md; exit $$status
 
 # Refuses to shrink the README's table (a fresh clone has no experiments) unless REPLACE=1.
 compare: setup

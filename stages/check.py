@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.lib import atomic, params, registry, runner
+from stages.lib import atomic, datasets, params, registry, runner
 
 OUT = Path("data/params.ok")
 
@@ -27,6 +27,9 @@ def main() -> None:
     with atomic.target(OUT) as tmp:
         tmp.write_text("params.yaml is valid\n")
     p = params.load()
+    sizes = datasets.expected_sizes(p.data)  # None for data.url: train checks the data as read
+    if sizes:
+        datasets.check_sizes(*sizes, p.train)
     if registry.keras_arguments(p.train):
         registry.trial(p.train)
     print(f"params.yaml: valid -> {OUT}")

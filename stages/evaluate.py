@@ -12,6 +12,7 @@ confusion matrix as a DVC confusion plot (dvclive `log_sklearn_plot`) and as a P
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 from dvclive import Live
 from sklearn.metrics import ConfusionMatrixDisplay, accuracy_score, precision_recall_fscore_support
 
 from stages.lib import atomic, datasets, params, registry, runner, serving
+from stages.lib.errors import StageError
 
 DATA = Path("data/raw/dataset.npz")
 METRICS = Path("metrics/eval.json")
@@ -37,7 +40,13 @@ def main() -> None:
 
     y_encoded = registry.encode_labels(y_true, registry.LOSSES[card["loss"]])
     keras_scores = model.evaluate(x, y_encoded, batch_size=p.evaluate.batch_size, return_dict=True, verbose=0)
-    y_pred = model.predict(x, batch_size=p.evaluate.batch_size, verbose=0).argmax(axis=1)
+    outputs = model.predict(x, batch_size=p.evaluate.batch_size, verbose=0)
+    if not (np.isfinite(outputs).all() and math.isfinite(keras_scores["loss"])):  # no NaN in a metrics file
+        raise StageError(
+            f"the model's outputs or test loss ({keras_scores['loss']}) are not finite numbers; "
+            "retrain it (a smaller train.optimizer.learning_rate), or dvc checkout a good one"
+        )
+    y_pred = outputs.argmax(axis=1)
 
     classes = range(registry.NUM_CLASSES)
     precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=classes, zero_division=0)

@@ -4,8 +4,8 @@ The table lists every experiment of the current commit (and the commit itself): 
 optimizer, learning rate, epochs, test accuracy, test loss and macro F1, best accuracy first.
 The picture overlays the per-epoch validation loss and validation accuracy of each
 experiment (colour = loss, line style = optimizer), read from the curves each experiment
-committed. With `--readme README.md` the table also replaces the block between
-`<!-- compare:start -->` and `<!-- compare:end -->` there. Nothing is typed in by hand.
+recorded (DVC-cached outputs, read with `dvc.api.read`). With `--readme README.md` the table
+also replaces the block between `<!-- compare:start -->` and `<!-- compare:end -->` there. Nothing is typed in by hand.
 It never shrinks a table: with fewer experiments than the table already shows (a fresh
 clone has none), it stops with one line unless `--replace` says to.
 
@@ -15,10 +15,8 @@ clone has none), it stops with one line unless `--replace` says to.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import re
-import subprocess
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -26,6 +24,7 @@ from typing import Any
 
 import dvc.api
 import matplotlib
+from dvc.exceptions import DvcException
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -57,9 +56,9 @@ class Experiment:
         return None
 
     def committed(self, path: str) -> dict[str, Any]:
-        """A JSON output as this experiment committed it (metrics are git-tracked)."""
-        proc = subprocess.run(["git", "show", f"{self.rev}:{path}"], capture_output=True, text=True, check=False)
-        return json.loads(proc.stdout) if proc.returncode == 0 else {}
+        """A JSON output as this experiment recorded it (from DVC's cache), or {} where it has none."""
+        text = read_output(self.rev, path)
+        return json.loads(text) if text else {}
 
     @cached_property
     def train_summary(self) -> dict[str, Any]:
@@ -96,8 +95,19 @@ COLUMNS = ("experiment", "loss", "optimizer", "lr", "epochs", "test accuracy", "
 
 
 def _number(value: Any) -> Any:
-    """exp_show gives every number as a float: 10.0 -> 10."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
+    """A number as people write it (exp_show gives every number as a float): 10, 0.001, 1e+30."""
+    return f"{value:g}" if isinstance(value, float) else value
+
+
+def read_output(rev: str, path: str) -> str | None:
+    """A pipeline output's text as commit or experiment `rev` recorded it, or None where it has none.
+
+    Outputs are DVC-cached: `dvc.api.read` finds the version dvc.lock names at `rev` in the cache.
+    """
+    try:
+        return dvc.api.read(path, rev=rev)
+    except (FileNotFoundError, DvcException):
+        return None
 
 
 def _params(exp: Experiment) -> dict[str, str]:
@@ -115,7 +125,7 @@ def experiments(rows: list[dict[str, Any]]) -> list[Experiment]:
         if exp.value("test.accuracy") is None:  # never evaluated
             continue
         found.append(exp)
-    # a commit whose params an experiment repeats is that experiment (DVC restores it from its run cache)
+    # a commit whose params an experiment repeats is that experiment (DVC restores it from its run-cache)
     baselines = [e for e in found if e.row.get("typ") == "baseline"]
     repeated = [b for b in baselines if any(o is not b and _params(o) == _params(b) for o in found)]
     unique = [e for e in found if e not in repeated]
@@ -129,11 +139,11 @@ def markdown(exps: list[Experiment]) -> str:
 
 
 def curve(rev: str, path: str) -> tuple[list[int], list[float]]:
-    """Per-epoch values of one dvclive TSV as committed in `rev` (they are git-tracked)."""
-    proc = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
+    """Per-epoch values of one dvclive TSV as `rev` recorded it."""
+    text = read_output(rev, path)
+    if text is None:
         return [], []
-    rows = [line.split("\t") for line in io.StringIO(proc.stdout).read().splitlines()[1:] if line]
+    rows = [line.split("\t") for line in text.splitlines()[1:] if line]
     return [int(r[0]) + 1 for r in rows], [float(r[1]) for r in rows]
 
 

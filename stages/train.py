@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 import keras
-import numpy as np
 import tensorflow as tf
 from dvclive import Live
 from dvclive.keras import DVCLiveCallback
 
 from stages.lib import atomic, datasets, engine, params, registry, runner, serving
+from stages.lib.errors import StageError
 
 DATA = Path("data/normalized/dataset.npz")
 STATS = Path("data/normalized/stats.json")
@@ -47,11 +48,32 @@ def build_model(p: params.Params) -> keras.Sequential:
     return keras.Sequential(layers, name="mlp")
 
 
-def best_epoch(history: dict[str, list[float]], monitor: str) -> int:
-    """0-based epoch with the best `monitor` value (lowest loss, highest accuracy); `loss` if not logged."""
-    monitor = monitor if monitor in history else "loss"  # val_* without a validation split
-    values = np.asarray(history[monitor])
-    return int(values.argmax() if "accuracy" in monitor else values.argmin())
+def saved_epoch(history: dict[str, list[float]], stopper: keras.callbacks.EarlyStopping | None) -> int:
+    """0-based epoch whose weights the model ends with: the one EarlyStopping restored, else the last."""
+    if stopper is not None and stopper.restore_best_weights and stopper.best_weights is not None:
+        return int(stopper.best_epoch)
+    return len(history["loss"]) - 1
+
+
+class StopOnDivergence(keras.callbacks.Callback):
+    """End training with one line once a logged loss or metric is NaN or infinite.
+
+    Keras' own TerminateOnNaN stops quietly, and the run would ship a NaN model. Raises StageError.
+    """
+
+    def __init__(self, optimizer: params.Named) -> None:
+        super().__init__()
+        self.optimizer = optimizer
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        bad = {name: value for name, value in (logs or {}).items() if not math.isfinite(value)}
+        if bad:
+            values = ", ".join(f"{name} {value}" for name, value in bad.items())
+            lr = self.optimizer.kwargs.get("learning_rate", "its default")
+            raise StageError(
+                f"training diverged at epoch {epoch + 1} ({values}); nothing was saved. Try a smaller "
+                f"train.optimizer.learning_rate (now {lr}), +train.optimizer.clipnorm=1.0, or another optimizer"
+            )
 
 
 def main() -> None:
@@ -76,19 +98,20 @@ def main() -> None:
     )  # fmt: skip
 
     data = datasets.load_npz(DATA)
+    datasets.check_sizes(len(data["y_train"]), len(data["y_test"]), t)
     x, y = data["x_train"], registry.encode_labels(data["y_train"], registry.LOSSES[t.loss])
 
-    callbacks: list[keras.callbacks.Callback] = []
+    stopper = None
     if t.early_stopping.enabled:
         es = t.early_stopping
-        callbacks.append(
-            keras.callbacks.EarlyStopping(
-                monitor=es.monitor,
-                patience=es.patience,
-                min_delta=es.min_delta,
-                restore_best_weights=es.restore_best_weights,
-            )
+        stopper = keras.callbacks.EarlyStopping(
+            monitor=es.monitor,
+            mode="max" if es.monitor.endswith("accuracy") else "min",  # Keras cannot tell for this loop's metrics
+            patience=es.patience,
+            min_delta=es.min_delta,
+            restore_best_weights=es.restore_best_weights,
         )
+    callbacks = [StopOnDivergence(t.optimizer), *([stopper] if stopper else [])]
     fit = functools.partial(
         loop.fit, x, y, epochs=t.epochs, batch_size=t.batch_size, validation_split=t.validation_split, seed=t.seed
     )
@@ -102,9 +125,9 @@ def main() -> None:
             start = time.perf_counter()
             history = fit(callbacks=[DVCLiveCallback(live=live), *callbacks], verbose=1 if sys.stdout.isatty() else 2)
             seconds = time.perf_counter() - start
-            best = best_epoch(history, t.early_stopping.monitor)
+            saved = saved_epoch(history, stopper)  # the summary describes the model that is saved
             live.summary["epochs_run"] = len(history["loss"])
-            live.summary["best"] = {"epoch": best + 1, **{k: v[best] for k, v in history.items()}}
+            live.summary["saved"] = {"epoch": saved + 1, **{k: v[saved] for k, v in history.items()}}
         # the loss's own output (softmax / sigmoid on logits), behind normalize's transform
         activation = registry.output_activation(
             registry.LOSSES[t.loss], "auto" if t.from_logits else p.model.output_activation, from_logits=False
@@ -116,7 +139,7 @@ def main() -> None:
     # Timings differ from run to run: they stay out of the tracked outputs (same params, same bytes).
     epoch_s = [round(s, 4) for s in loop.epoch_seconds]
     atomic.write_json(TIMINGS, {"train_time_s": round(seconds, 3), "epochs_run": len(epoch_s), "epoch_s": epoch_s})
-    print(f"trained {len(history['loss'])} epochs in {seconds:.1f}s; best epoch {best + 1} -> {serving.MODEL_DIR}/")
+    print(f"trained {len(history['loss'])} epochs in {seconds:.1f}s; saved epoch {saved + 1} -> {serving.MODEL_DIR}/")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import dvc_project, reset_worktree, run
+from tests.conftest import VENV_BIN, dvc_project, reset_worktree, run
 
 pytestmark = pytest.mark.slow
 CLEAN = "Data and pipelines are up to date."
@@ -116,3 +116,14 @@ def test_a_removed_key_takes_its_default_and_a_removed_section_is_one_line(repo:
     proc = run(["dvc", "repro"], repo, check=False)
     assert proc.returncode != 0 and "error: params.yaml: data: section missing (`data:`, `normalize:`" in proc.stderr
     assert digests(repo) == baseline
+
+
+def test_a_sweep_names_its_failed_experiments_and_exits_non_zero(repo: Path, baseline: dict) -> None:
+    """`dvc exp run --run-all` exits 0 after a failure; `python -m stages.sweep` (make sweep) does not."""
+    grid = ["-S", "train.optimizer.name=sgd", "-S", "train.optimizer.learning_rate=0.01,1e30"]
+    proc = run([str(VENV_BIN / "python"), "-m", "stages.sweep", *grid], repo, check=False)
+    line = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and line.startswith("error: 1 of 2 experiments did not finish: "), proc.stderr
+    failed = line.split("finish: ")[1].split(" (")[0]
+    assert "(Failed)" in line and f"dvc queue logs {failed}" in line
+    assert "training diverged at epoch 1" in run(["dvc", "queue", "logs", failed], repo).stdout

@@ -105,9 +105,9 @@ def target(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
-    """Write `data` as indented JSON, atomically."""
+    """Write `data` as indented JSON, atomically; NaN or infinity is a ValueError (not JSON)."""
     with target(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def _remove(path: Path) -> None:

@@ -26,8 +26,8 @@ import numpy as np
 from tqdm import tqdm
 
 from stages.lib import atomic
-from stages.lib.errors import DataError
-from stages.lib.params import DataParams
+from stages.lib.errors import DataError, ParamError
+from stages.lib.params import DataParams, TrainParams
 
 KERAS_MIRROR = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/"
 KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -140,6 +140,47 @@ SOURCES: dict[str, Source] = {
         (60_000, 10_000),
     ),
 }
+
+
+SAMPLE_CLASS_COUNTS = (500,) * 10  # mnist_5k.csv.gz, as its sha256 above pins it: 500 digits of each class
+
+
+def expected_sizes(p: DataParams) -> tuple[int, int] | None:
+    """(train, test) example counts the source gives with `p`; None where `data.url` / `data.sha256`
+    stand for other files, whose sizes are known only once they are read."""
+    if p.url or p.sha256:
+        return None
+    if p.source == "mnist_sample":
+        test = sum(round(n * p.test_fraction) for n in SAMPLE_CLASS_COUNTS)  # as stratified_test_mask rounds
+        return sum(SAMPLE_CLASS_COUNTS) - test, test
+    return SOURCES[p.source].sizes
+
+
+def fit_validation_counts(n_train: int, validation_split: float) -> tuple[int, int]:
+    """(examples trained on, validation examples) of `n_train`: Keras' `validation_split`, the last share."""
+    n_fit = int(n_train * (1 - validation_split)) if validation_split else n_train
+    return n_fit, n_train - n_fit
+
+
+def check_sizes(n_train: int, n_test: int, train: TrainParams) -> None:
+    """Refuse a split that leaves the test or validation set empty, or less than one batch to train on.
+
+    Raises ParamError naming the counts (called by `check` with the expected sizes, and by
+    `train` with the data as read).
+    """
+    n_fit, n_val = fit_validation_counts(n_train, train.validation_split)
+    if n_test < 1:
+        raise ParamError("data.test_fraction", f"leaves no test examples (of {n_train + n_test}); raise it")
+    if train.validation_split and n_val < 1:
+        raise ParamError(
+            "train.validation_split", f"{train.validation_split} of {n_train} examples is 0 validation examples"
+        )
+    if n_fit < train.batch_size:
+        raise ParamError(
+            "train.validation_split",
+            f"leaves {n_fit} of {n_train} examples to train on, less than one batch (train.batch_size "
+            f"{train.batch_size}); lower validation_split or batch_size",
+        )
 
 
 def locations(p: DataParams) -> dict[str, tuple[str, str]]:

@@ -24,6 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from stages.lib import datasets
 from stages.lib.errors import StageError
 
 EVAL_BATCH = 4096  # forward passes only: the batch size changes nothing but float sum order
@@ -145,7 +146,7 @@ class Loop:
         verbose: int,
     ) -> dict[str, list[float]]:
         """model.fit's contract: the last `validation_split` held out, reshuffled batches each epoch."""
-        n_train = int(len(x) * (1 - validation_split)) if validation_split else len(x)  # as Keras splits
+        n_train, _ = datasets.fit_validation_counts(len(x), validation_split)
         x_train, y_train = tf.constant(x[:n_train]), tf.constant(y[:n_train])
         x_val, y_val = x[n_train:], y[n_train:]
         full, rest = divmod(n_train, batch_size)

@@ -322,6 +322,7 @@ def _check_names_and_combinations(p: Params) -> None:
         lr = _number(float, lr, "train.optimizer.learning_rate")
         _check_range(lr, "train.optimizer.learning_rate", {"gt": 0})
     registry.check_combination(t.loss, p.model.output_activation, t.from_logits)
+    registry.check_effect(t)
     if t.early_stopping.enabled and t.early_stopping.monitor.startswith("val_") and t.validation_split == 0:
         raise ParamError(
             "train.early_stopping.monitor",

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -153,9 +153,16 @@ def _accepted(cls: type, exclude: set[str]) -> dict[str, inspect.Parameter]:
     }
 
 
-def _check_kwargs(kwargs: Mapping[str, Any], accepted: dict[str, inspect.Parameter], key: str, what: str) -> None:
-    """Unknown keys, and values of another type than the constructor's (bool, number, str) default."""
+def _check_kwargs(
+    kwargs: Mapping[str, Any], accepted: dict[str, inspect.Parameter], key: str, what: str
+) -> dict[str, Any]:
+    """Unknown keys, and values of another type than the constructor's (bool, number, str) default.
+
+    Returns the arguments with an integer made a float where the default is a float: YAML's `1`
+    (what `dvc exp run -S learning_rate=1` writes) is a number, and Keras wants a float there.
+    """
     names = ", ".join(sorted(accepted))
+    checked = {}
     for name, value in kwargs.items():
         if name not in accepted:
             raise ParamError(f"{key}.{name}", f"not a parameter of {what}; accepted: {names}")
@@ -170,6 +177,48 @@ def _check_kwargs(kwargs: Mapping[str, Any], accepted: dict[str, inspect.Paramet
             ok, expected = True, ""
         if not ok:
             raise ParamError(f"{key}.{name}", f"expected {expected}, got {value!r}")
+        # not a bool here: refused above
+        checked[name] = float(value) if isinstance(default, float) and isinstance(value, int) else value
+    return checked
+
+
+# Arguments Keras accepts and then ignores unless another one is set: (section, class name or "*",
+# argument) -> (does it take effect, given the section's arguments; what it needs). From the Keras
+# sources: BinaryFocalCrossentropy applies `alpha` only with apply_class_balancing; SGD's Nesterov
+# step is a momentum step; every optimizer's `ema_*` settings act only with use_ema.
+NEEDS: dict[tuple[str, str, str], tuple[Callable[[Mapping[str, Any]], bool], str]] = {
+    ("train.loss_args", "binary_focal_crossentropy", "alpha"): (
+        lambda kw: kw.get("apply_class_balancing") is True,
+        "apply_class_balancing: true",
+    ),
+    ("train.optimizer", "sgd", "nesterov"): (
+        lambda kw: kw["nesterov"] is not True or (isinstance(kw.get("momentum"), (int, float)) and kw["momentum"] > 0),
+        "momentum > 0",
+    ),
+    ("train.optimizer", "*", "ema_momentum"): (lambda kw: kw.get("use_ema") is True, "use_ema: true"),
+    ("train.optimizer", "*", "ema_overwrite_frequency"): (lambda kw: kw.get("use_ema") is True, "use_ema: true"),
+}
+
+
+def check_effect(train: TrainParams) -> None:
+    """Raise ParamError for an argument that would be accepted and then have no effect (NEEDS)."""
+    given = {
+        "train.loss_args": (train.loss, train.loss_args),
+        "train.optimizer": (train.optimizer.name, train.optimizer.kwargs),
+    }
+    for (section, owner, argument), (takes_effect, needs) in NEEDS.items():
+        name, kwargs = given[section]
+        if owner in ("*", name) and argument in kwargs and not takes_effect(kwargs):
+            message = f"has no effect for '{name}' without {needs}; add it, or drop this"
+            raise ParamError(f"{section}.{argument}", message)
+    schedule_lr = train.lr_schedule.kwargs.get("initial_learning_rate")
+    optimizer_lr = train.optimizer.kwargs.get("learning_rate")
+    if None not in (schedule_lr, optimizer_lr) and schedule_lr != optimizer_lr:
+        raise ParamError(
+            "train.optimizer.learning_rate",
+            f"{optimizer_lr} has no effect: train.lr_schedule.initial_learning_rate ({schedule_lr}) sets the "
+            "learning rate; drop one of them (without initial_learning_rate the schedule starts from this one)",
+        )
 
 
 def _construct(cls: type, kwargs: Mapping[str, Any], key: str, what: str) -> Any:
@@ -189,8 +238,9 @@ def make_loss(train: TrainParams, from_logits: bool | None = None) -> keras.loss
         if name in _RESERVED_LOSS_ARGS:
             where = _RESERVED_LOSS_ARGS[name]
             raise ParamError(f"train.loss_args.{name}", f"set {where} instead" if where else "cannot be set here")
-    _check_kwargs(train.loss_args, _accepted(cls, set(_RESERVED_LOSS_ARGS)), "train.loss_args", f"loss '{train.loss}'")
-    kwargs = dict(train.loss_args)
+    kwargs = _check_kwargs(
+        train.loss_args, _accepted(cls, set(_RESERVED_LOSS_ARGS)), "train.loss_args", f"loss '{train.loss}'"
+    )
     if spec.from_logits:
         kwargs["from_logits"] = train.from_logits if from_logits is None else from_logits
     return _construct(cls, kwargs, "train.loss_args", f"loss '{train.loss}'")
@@ -226,8 +276,7 @@ def make_optimizer(train: TrainParams) -> keras.optimizers.Optimizer:
 
     opt = train.optimizer
     cls = optimizer_classes(keras)[opt.name]
-    _check_kwargs(opt.kwargs, _accepted(cls, {"name"}), "train.optimizer", f"optimizer '{opt.name}'")
-    kwargs = dict(opt.kwargs)
+    kwargs = _check_kwargs(opt.kwargs, _accepted(cls, {"name"}), "train.optimizer", f"optimizer '{opt.name}'")
     if train.lr_schedule.name != "none":
         kwargs["learning_rate"] = make_schedule(train)
     return _construct(cls, kwargs, "train.optimizer", f"optimizer '{opt.name}'")
@@ -242,8 +291,8 @@ def make_schedule(train: TrainParams) -> keras.optimizers.schedules.LearningRate
     accepted = _accepted(cls, {"name"})
     kwargs = dict(sched.kwargs)
     if "initial_learning_rate" in accepted and "initial_learning_rate" not in kwargs:
-        kwargs["initial_learning_rate"] = train.optimizer.kwargs.get("learning_rate", 0.001)
-    _check_kwargs(kwargs, accepted, "train.lr_schedule", f"schedule '{sched.name}'")
+        kwargs["initial_learning_rate"] = float(train.optimizer.kwargs.get("learning_rate", 0.001))
+    kwargs = _check_kwargs(kwargs, accepted, "train.lr_schedule", f"schedule '{sched.name}'")
     return _construct(cls, kwargs, "train.lr_schedule", f"schedule '{sched.name}'")
 
 

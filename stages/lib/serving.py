@@ -47,7 +47,8 @@ def standalone(core: keras.Model, stats: dict[str, Any], train: Any, activation:
         *core.layers,
     ]
     if core.layers[-1].activation.__name__ != activation:
-        layers.append(keras.layers.Activation(activation, name="probabilities"))
+        # float32 under a mixed-precision policy too: the card promises float32 probabilities
+        layers.append(keras.layers.Activation(activation, name="probabilities", dtype="float32"))
     model = keras.Sequential(layers, name="mnist_digits")
     model.compile(
         optimizer=core.optimizer,  # the trained state, so the file can be trained further
