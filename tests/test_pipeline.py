@@ -52,7 +52,7 @@ def test_every_output_exists_and_the_accuracy_comes_from_the_models_predictions(
     assert set(scores) >= {"precision_macro", "recall_macro", "f1_macro", "f1_per_class"}
     assert len(scores["f1_per_class"]) == 10
     train = load_json(repo / "metrics/train/metrics.json")
-    assert train["epochs_run"] == 1 and train["best"]["epoch"] == 1
+    assert train["epochs_run"] == 1 and train["saved"]["epoch"] == 1
     tsv = (repo / "metrics/train/plots/metrics/eval/accuracy.tsv").read_text().splitlines()
     assert tsv[0] == "step\taccuracy" and len(tsv) == 2
     confusion = load_json(repo / "metrics/eval/plots/sklearn/confusion_matrix.json")

@@ -112,7 +112,11 @@ def test_odd_yaml_scalars_in_a_file_validate_or_name_the_key(path: tuple, scalar
 
 
 def load_text(tmp_path: Path, text: str) -> params.Params:
-    (tmp_path / "params.yaml").write_text(textwrap.dedent(text))
+    """`text` as params.yaml, with an empty `section: {}` after it for each section it lacks."""
+    text = textwrap.dedent(text)
+    present = {line.split(":")[0] for line in text.splitlines() if line[:1].isalpha()}
+    text += "".join(f"{section}: {{}}\n" for section in params.SECTIONS if section not in present)
+    (tmp_path / "params.yaml").write_text(text)
     return params.load(tmp_path / "params.yaml")
 
 

@@ -1,4 +1,4 @@
-"""train's own logic: the model params build, and the best epoch it reports."""
+"""train's own logic: the model params build, and the epoch whose weights it saves."""
 
 from __future__ import annotations
 
@@ -24,13 +24,11 @@ def test_the_tutorials_model_is_the_default() -> None:
     assert model.count_params() == 28 * 28 * 128 + 128 + 128 * 10 + 10
 
 
-def test_best_epoch_is_the_lowest_loss_or_the_highest_accuracy() -> None:
-    history = {"loss": [0.9, 0.5, 0.6], "val_loss": [0.8, 0.7, 0.75], "val_accuracy": [0.5, 0.6, 0.9]}
-    assert train.best_epoch(history, "val_loss") == 1
-    assert train.best_epoch(history, "val_accuracy") == 2
-    assert train.best_epoch(history, "loss") == 1
-
-
-def test_best_epoch_falls_back_to_the_training_loss_without_validation_data() -> None:
-    history = {"loss": [0.9, 0.4, 0.6], "accuracy": [0.5, 0.8, 0.7]}
-    assert train.best_epoch(history, "val_accuracy") == 1
+def test_the_saved_epoch_is_the_one_early_stopping_restored_else_the_last() -> None:
+    history = {"loss": [0.9, 0.5, 0.6], "val_loss": [0.8, 0.7, 0.75]}
+    assert train.saved_epoch(history, None) == 2
+    stopper = keras.callbacks.EarlyStopping(restore_best_weights=True)
+    assert train.saved_epoch(history, stopper) == 2  # it never saw an epoch: no weights to restore
+    stopper.best_weights, stopper.best_epoch = [], 1
+    assert train.saved_epoch(history, stopper) == 1
+    assert train.saved_epoch(history, keras.callbacks.EarlyStopping(restore_best_weights=False)) == 2
