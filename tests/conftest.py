@@ -140,6 +140,11 @@ def small(sample: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Modules marked `slow` first (a stable sort: each module's own order kept), so that the two
-    xdist workers of `make test` start on the long modules and finish near each other."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The longest modules first (`slow(minutes=...)`; a stable sort keeps each module's order),
+    so that the two xdist workers of `make test` (one module at a time each) finish together."""
+
+    def minutes(item: pytest.Item) -> float:
+        marker = item.get_closest_marker("slow")
+        return marker.kwargs.get("minutes", 1) if marker else 0
+
+    items.sort(key=lambda item: -minutes(item))

@@ -19,7 +19,7 @@ from sklearn.metrics import accuracy_score
 
 from tests.conftest import ENV, VENV_BIN, dvc_project, reset_worktree, run, write_params
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(minutes=3)  # on one core: schedules the longest first
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import VENV_BIN, dvc_project, reset_worktree, run
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(minutes=4)  # on one core: schedules the longest first
 CLEAN = "Data and pipelines are up to date."
 
 

@@ -17,7 +17,7 @@ from ruamel.yaml import YAML
 
 from tests.conftest import ENV, VENV_BIN, dvc_project, reset_worktree, run, write_params
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(minutes=4)  # on one core: schedules the longest first
 
 
 def snapshot(repo: Path) -> dict[str, bytes]:

@@ -20,7 +20,7 @@ from PIL import Image
 
 from tests.conftest import ENV, VENV_BIN, dvc_project, reset_worktree, run
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(minutes=3)  # on one core: schedules the longest first
 PYTHON = str(VENV_BIN / "python")
 OUTPUTS = ("data", "models", "metrics")
 

@@ -19,7 +19,7 @@ from stages.lib.errors import ParamError
 from tests.conftest import ROOT, run, write_params
 
 PYTHON = sys.executable
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(minutes=2)  # on one core: schedules the longest first
 
 
 @pytest.fixture(scope="module")
