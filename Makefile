@@ -25,7 +25,7 @@ repro: setup
 	$(RUN) $(BIN)/dvc repro
 
 test: setup
-	$(RUN) $(BIN)/python -m pytest -n 2 --dist loadfile
+	$(RUN) $(BIN)/python -m pytest -n 3 --dist loadfile
 
 lint: setup
 	$(BIN)/ruff check .

@@ -141,7 +141,7 @@ def small(sample: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The longest modules first (`slow(minutes=...)`; a stable sort keeps each module's order),
-    so that the two xdist workers of `make test` (one module at a time each) finish together."""
+    so that the xdist workers of `make test` (one module at a time each) finish near each other."""
 
     def minutes(item: pytest.Item) -> float:
         marker = item.get_closest_marker("slow")

@@ -127,9 +127,9 @@ def train_processes(repo: Path) -> list[psutil.Process]:
     return found
 
 
-# Long enough to be stopped mid-way for sure: 20 epochs one step per call (seconds, not 0.5 s).
-LONG = {"epochs": 20, "speed": {"jit_compile": False, "steps_per_execution": 1}}
-LONG_SET = ["-S", "train.epochs=20", "-S", "train.speed.jit_compile=false", "-S", "train.speed.steps_per_execution=1"]
+# Long enough to be stopped mid-way for sure: 6 epochs one step per call (seconds, not 0.5 s).
+LONG = {"epochs": 6, "speed": {"jit_compile": False, "steps_per_execution": 1}}
+LONG_SET = ["-S", "train.epochs=6", "-S", "train.speed.jit_compile=false", "-S", "train.speed.steps_per_execution=1"]
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +180,7 @@ def test_stopping_dvc_during_train_leaves_no_process_and_one_printed_command_res
     seen = []
     for line in dvc.stdout:
         seen.append(line)
-        if line.startswith("Epoch 1/20"):
+        if line.startswith(f"Epoch 1/{LONG['epochs']}"):
             break
     else:
         pytest.fail("train never started:\n" + "".join(seen))
