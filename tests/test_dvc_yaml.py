@@ -98,3 +98,6 @@ def test_a_missing_key_takes_its_default_and_a_missing_section_is_one_line(tmp_p
         message = str(exc.value)
         assert message.startswith(f"params.yaml: {first}: section missing (`{first}:`") and "\n" not in message
         assert f"`{first}: {{}}` takes all of its defaults" in message
+    file.write_text("data: {}\nnormalize: {}\nmodel: {}\ntrain: {}\nevaluate:\n")  # a bare `evaluate:`
+    with pytest.raises(params.ParamError, match=r"evaluate: is empty; write `evaluate: \{\}` to take all of its"):
+        params.load(file)

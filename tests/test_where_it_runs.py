@@ -5,6 +5,7 @@ with nohup after its terminal is gone. Real processes in real PID namespaces (`u
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -130,3 +131,37 @@ def test_commands_that_write_no_dvc_output_take_no_lock(project: Path) -> None:
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_signal_during_tensorflows_import_is_one_line(project: Path) -> None:
+    """Ctrl-C in the first seconds of `python -m stages.train`, while TensorFlow is still importing."""
+    stage = subprocess.Popen([PYTHON, "-m", "stages.train"], cwd=project, env=ENV, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # TensorFlow's import takes several seconds
+    stage.send_signal(signal.SIGINT)
+    _, stderr = stage.communicate(timeout=60)
+    assert stage.returncode == 130, stderr
+    assert stderr.strip() == "interrupted (Ctrl-C): the previous outputs are kept; run it again to recover"
+
+
+def test_a_stage_whose_dvc_dies_during_its_imports_ends_too(project: Path, tmp_path: Path) -> None:
+    """`kill -9` of dvc in the first seconds of a stage: the stage ends with one line, it does not train on."""
+    fake = tmp_path / "bin" / "dvc"  # a process whose command line is `dvc ...`, as DVC's is
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/bash\n"$@" &\nwait\n')
+    fake.chmod(0o755)
+    dvc = subprocess.Popen(
+        [str(fake), PYTHON, "-m", "stages.train"], cwd=project, env={**ENV, "DVC_STAGE": "train"},
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(1.0)
+    dvc.kill()
+    assert dvc.stderr is not None
+    deadline = time.monotonic() + 60
+    line = ""
+    while time.monotonic() < deadline and not line:
+        line = dvc.stderr.readline().strip()  # the stage inherited the pipe: its one line, then EOF
+    dvc.wait()
+    assert (
+        line == "terminated (SIGTERM, or dvc was stopped): dvc checkout --force puts back the outputs dvc.lock records"
+    )
+    assert dvc.stderr.read() == ""

@@ -144,6 +144,9 @@ def load(path: str | Path = PARAMS_FILE) -> Params:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ParamError("(file)", f"not valid YAML{where}: {problem}") from None
     raw = raw if raw is not None else {}
+    empty = [name for name in SECTIONS if isinstance(raw, Mapping) and name in raw and raw[name] is None]
+    if empty:  # `evaluate:` with nothing under it
+        raise ParamError(empty[0], f"is empty; write `{empty[0]}: {{}}` to take all of its defaults")
     missing = [name for name in SECTIONS if isinstance(raw, Mapping) and name not in raw]
     if missing:
         sections = ", ".join(f"`{name}:`" for name in missing)

@@ -56,13 +56,8 @@ def run(main: Callable[[], None], *, writes_outputs: bool = True) -> None:
     one stage cannot overwrite each other's outputs. Commands that write no DVC output (predict,
     report) pass False and take no lock.
     """
-    for signum in SIGNALS:
-        signal.signal(signum, _on_signal)
-    if hasattr(signal, "SIGXFSZ"):  # a file-size limit (ulimit -f): an OSError to report, not a silent kill
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
-        if UNDER_DVC:
-            _end_with_dvc()
+        guard()
         if writes_outputs:
             module = getattr(sys.modules.get("__main__"), "__spec__", None)
             _only_one(module.name if module else Path(sys.argv[0]).stem)
@@ -80,6 +75,26 @@ def run(main: Callable[[], None], *, writes_outputs: bool = True) -> None:
         _fail(f"error: out of memory (try a smaller train.batch_size or model); {KEPT}", 2)
     except Exception as exc:  # a bug, not a user error: still one line
         _internal(exc)
+
+
+_GUARDED: list[bool] = []
+
+
+def guard() -> None:
+    """Handle Ctrl-C and SIGTERM as one line, and (under DVC) end with the `dvc` that started this stage.
+
+    Called by `run`, and earlier by `stages/__init__.py` for `python -m stages.<name>`, so that a
+    signal during the stage's imports (TensorFlow's take seconds) is handled the same way. Once.
+    """
+    if _GUARDED:
+        return
+    _GUARDED.append(True)
+    for signum in SIGNALS:
+        signal.signal(signum, _on_signal)
+    if hasattr(signal, "SIGXFSZ"):  # a file-size limit (ulimit -f): an OSError to report, not a silent kill
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    if UNDER_DVC:
+        _end_with_dvc()
 
 
 def _internal(exc: BaseException) -> None:
