@@ -29,7 +29,7 @@ def main() -> None:
     p = params.load()
     sizes = datasets.expected_sizes(p.data)  # None for data.url: train checks the data as read
     if sizes:
-        datasets.check_sizes(*sizes, p.data, p.train)
+        datasets.check_sizes(*sizes, p.train, p.data.test_fraction if p.data.source == "mnist_sample" else None)
     if registry.keras_arguments(p.train):
         registry.trial(p.train)
     print(f"params.yaml: valid -> {OUT}")

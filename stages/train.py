@@ -98,7 +98,7 @@ def main() -> None:
     )  # fmt: skip
 
     data = datasets.load_npz(DATA)
-    datasets.check_sizes(len(data["y_train"]), len(data["y_test"]), p.data, t)
+    datasets.check_sizes(len(data["y_train"]), len(data["y_test"]), t)
     x, y = data["x_train"], registry.encode_labels(data["y_train"], registry.LOSSES[t.loss])
 
     stopper = None

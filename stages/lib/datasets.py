@@ -162,19 +162,19 @@ def fit_validation_counts(n_train: int, validation_split: float) -> tuple[int, i
     return n_fit, n_train - n_fit
 
 
-def check_sizes(n_train: int, n_test: int, data: DataParams, train: TrainParams) -> None:
+def check_sizes(n_train: int, n_test: int, train: TrainParams, test_fraction: float | None = None) -> None:
     """Refuse a split that leaves the test or validation set empty, or less than one batch to train on.
 
-    Raises ParamError naming the counts and the key that causes it (called by `check` with the
-    expected sizes, and by `train` with the data as read).
+    Raises ParamError naming the counts and the key that causes it. `check` calls it with the
+    expected sizes and, for the bundled sample, the `data.test_fraction` that split it; `train`
+    with the data as read.
     """
     n_fit, n_val = fit_validation_counts(n_train, train.validation_split)
-    split_here = data.source == "mnist_sample"  # the other sources come split: their sizes are the data's
     if n_test < 1:
         raise ParamError("data.test_fraction", f"leaves no test examples (of {n_train + n_test}); raise it")
     if n_train < train.batch_size:
         raise ParamError(
-            "data.test_fraction" if split_here and data.test_fraction > 0.5 else "train.batch_size",
+            "data.test_fraction" if test_fraction is not None and test_fraction > 0.5 else "train.batch_size",
             f"leaves {n_train} training examples (of {n_train + n_test}), less than one batch "
             f"(train.batch_size {train.batch_size})",
         )
