@@ -77,7 +77,7 @@ def run(main: Callable[[], None], *, writes_outputs: bool = True) -> None:
         _internal(exc)
 
 
-_GUARDED: list[bool] = []
+_guarded = False
 
 
 def guard() -> None:
@@ -86,9 +86,10 @@ def guard() -> None:
     Called by `run`, and earlier by `stages/__init__.py` for `python -m stages.<name>`, so that a
     signal during the stage's imports (TensorFlow's take seconds) is handled the same way. Once.
     """
-    if _GUARDED:
+    global _guarded  # noqa: PLW0603 - set once per process
+    if _guarded:
         return
-    _GUARDED.append(True)
+    _guarded = True
     for signum in SIGNALS:
         signal.signal(signum, _on_signal)
     if hasattr(signal, "SIGXFSZ"):  # a file-size limit (ulimit -f): an OSError to report, not a silent kill
