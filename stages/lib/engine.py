@@ -15,7 +15,6 @@ called at the same moments `fit` calls them.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -31,25 +30,28 @@ EVAL_BATCH = 4096  # forward passes only: the batch size changes nothing but flo
 
 
 def strategy_for(name: str) -> tf.distribute.Strategy:
-    """`train.distribute`: none (default strategy), mirrored (this machine's GPUs), multi_worker (TF_CONFIG)."""
+    """`train.distribute`: none (default strategy), mirrored (this machine's GPUs), multi_worker (TF_CONFIG).
+
+    Raises StageError when multi_worker finds no usable TF_CONFIG (read by TensorFlow's own
+    `TFConfigClusterResolver`): a cluster, and this process's task in it.
+    """
     if name == "none":
         return tf.distribute.get_strategy()
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
-    config = os.environ.get("TF_CONFIG")
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
     try:
-        cluster = json.loads(config or "")
-        valid = isinstance(cluster["cluster"], dict) and isinstance(cluster["task"]["type"], str)
-        int(cluster["task"]["index"])
-    except (ValueError, TypeError, KeyError):
+        cluster = resolver.cluster_spec().as_dict()
+        valid = resolver.task_type in cluster and 0 <= resolver.task_id < len(cluster[resolver.task_type])
+    except (ValueError, TypeError):  # not JSON, not a cluster, no task or a task index that is not a number
         valid = False
     if not valid:
         raise StageError(
             "train.distribute: multi_worker needs TF_CONFIG, JSON like "
             '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker", "index": 0}} '
-            f"(got {config!r}); see the README's 'Training on several machines'"
+            f"(got {os.environ.get('TF_CONFIG')!r}); see docs/distributed.md"
         )
-    return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
@@ -84,7 +86,9 @@ class Loop:
         steps_per_execution: int,
         jit_compile: bool,
     ) -> None:
-        self.model, self.loss, self.optimizer, self.strategy = model, loss, optimizer, strategy
+        self.model, self.optimizer, self.strategy = model, optimizer, strategy
+        # the same loss, unreduced: one value per example (averaged by `tf.nn.compute_average_loss`)
+        self.per_example_loss = type(loss).from_config({**loss.get_config(), "reduction": "none"})
         self.steps_per_execution = steps_per_execution
         self.epoch_seconds: list[float] = []  # wall time of each epoch of the last fit (training, validation)
         with strategy.scope():
@@ -109,27 +113,28 @@ class Loop:
         xb, yb = tf.gather(x, mine), tf.gather(y, mine)
         with tf.GradientTape() as tape:
             predictions = self.model(xb, training=True)
-            # the mean over this replica's share (a Keras loss divides it by the replicas: undone)
-            loss = self.loss(yb, predictions) * replicas
-            # the global batch's mean: every replica's sum over the global size (model.fit's math)
-            weighted = loss * tf.cast(share, loss.dtype) / tf.cast(size, loss.dtype)
-            scaled = self.optimizer.scale_loss(weighted)  # loss scaling under mixed_float16
+            per_example = self.per_example_loss(yb, predictions)
+            # this replica's sum over the global batch size; the optimizer sums the replicas' gradients,
+            # so the update follows the global batch's mean loss (model.fit's math)
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=size)
+            scaled = self.optimizer.scale_loss(loss)  # loss scaling under mixed_float16
         weights = self.model.trainable_variables
         gradients = tape.gradient(scaled, weights)
-        self.optimizer.apply_gradients(zip(gradients, weights, strict=True))  # sums the replicas' gradients
-        self.train_metrics[0].update_state(loss, sample_weight=tf.cast(share, loss.dtype))
+        self.optimizer.apply_gradients(zip(gradients, weights, strict=True))
+        self.train_metrics[0].update_state(per_example)
         for metric in self.train_metrics[1:]:
             metric.update_state(yb, predictions)
 
-    def _steps(self, x: tf.Tensor, y: tf.Tensor, order: tf.Tensor, first: tf.Tensor, count: tf.Tensor) -> None:
+    def _steps(self, x: tf.Tensor, y: tf.Tensor, batches: tf.Tensor, first: tf.Tensor, count: tf.Tensor) -> None:
+        """Rows `first` to `first + count - 1` of `batches` (int32, one global batch of indices a row)."""
         i = first
         while i < first + count:  # not `tf.range`: XLA would compile once per distinct (first, count)
-            self.strategy.run(self._replica_step, args=(x, y, order[i]))
+            self.strategy.run(self._replica_step, args=(x, y, batches[i]))
             i += 1
 
     def _eval_batch(self, x: tf.Tensor, y: tf.Tensor) -> None:
         predictions = self.model(x, training=False)
-        self.val_metrics[0].update_state(self.loss(y, predictions), sample_weight=tf.cast(tf.shape(x)[0], "float32"))
+        self.val_metrics[0].update_state(self.per_example_loss(y, predictions))
         for metric in self.val_metrics[1:]:
             metric.update_state(y, predictions)
 
@@ -172,7 +177,7 @@ class Loop:
                 self._run_steps(x_train, y_train, batches, tf.constant(first), tf.constant(count))
                 hooks.on_train_batch_end(first + count - 1, self._results(self.train_metrics))
             if rest:
-                tail = tf.constant(order[full * batch_size :][None])
+                tail = tf.constant(order[full * batch_size :][None])  # one partial batch
                 self._run_tail(x_train, y_train, tail, tf.constant(0), tf.constant(1))
                 hooks.on_train_batch_end(steps - 1, self._results(self.train_metrics))
             logs = self._results(self.train_metrics)
