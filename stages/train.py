@@ -1,11 +1,11 @@
 """Stage `train`: data/normalized/{dataset.npz, stats.json} -> models/, metrics/train/.
 
-Builds Flatten -> Dense(hidden_units, activation) [-> Dropout] -> Dense(10, output activation)
-from `model.*`, compiles it with the loss and optimizer from `train.*` (wired by the registry:
-label encoding, output activation, logits, metrics), and trains it with `stages.lib.engine`'s
-loop (model.fit's math, compiled; on one machine or several, `train.distribute`) and dvclive's
-`DVCLiveCallback`: per-epoch loss/accuracy curves (train and validation) and a summary with
-the final epoch and the best epoch. Seeded and deterministic on CPU: the same params give the
+Builds Flatten -> Dense(hidden_units, activation) [-> Dropout] -> Dense(10) from `model.*`,
+ending as `registry.head` decides for the loss (its activation, logits or not), and trains it
+with the loss and optimizer from `train.*` through `stages.lib.engine`'s loop (model.fit's math,
+compiled; on one machine or several, `train.distribute`) and dvclive's `DVCLiveCallback`:
+per-epoch loss/accuracy curves (train and validation) and a summary with the last epoch and the
+saved one (the epoch whose weights the model ends with). Seeded and deterministic on CPU: the same params give the
 same bytes; the training time goes to the log line and to git-ignored `metrics/timings.json`.
 What it saves stands on its own (`stages.lib.serving`): raw uint8 images in, probabilities
 out, with its card (`models/model.json`) and a SavedModel beside it.
@@ -34,18 +34,49 @@ LIVE_DIR = Path("metrics/train")
 TIMINGS = Path("metrics/timings.json")  # git-ignored, not a DVC output
 
 
-def build_model(p: params.Params) -> keras.Sequential:
-    """The tutorial's MLP, sized and activated by params; the output layer fits the loss."""
+def configure(t: params.TrainParams) -> tf.distribute.Strategy:
+    """Threads, the distribution strategy, seeds, op determinism and the precision policy, in that order."""
+    engine.set_threads(t.speed.threads)
+    strategy = engine.strategy_for(t.distribute)  # first: multi_worker must start before other ops
+    keras.utils.set_random_seed(t.seed)
+    tf.config.experimental.enable_op_determinism()
+    if t.mixed_precision:  # float16 where a GPU has fast float16; on a CPU bfloat16
+        gpu = bool(tf.config.list_physical_devices("GPU"))
+        keras.mixed_precision.set_global_policy("mixed_float16" if gpu else "mixed_bfloat16")
+    return strategy
+
+
+def build_model(m: params.ModelParams, wiring: registry.Head) -> keras.Sequential:
+    """The tutorial's MLP: Flatten -> Dense(units, activation) [-> Dropout] ... -> Dense(10, wiring.activation)."""
     layers: list[keras.layers.Layer] = [keras.Input(shape=(28, 28)), keras.layers.Flatten()]
-    for units in p.model.hidden_units:
-        layers.append(keras.layers.Dense(units, activation=p.model.activation))
-        if p.model.dropout > 0:
-            layers.append(keras.layers.Dropout(p.model.dropout))
-    spec = registry.LOSSES[p.train.loss]
-    activation = registry.output_activation(spec, p.model.output_activation, p.train.from_logits)
+    for units in m.hidden_units:
+        layers.append(keras.layers.Dense(units, activation=m.activation))
+        if m.dropout > 0:
+            layers.append(keras.layers.Dropout(m.dropout))
     # float32 outputs under mixed precision too (the same layer when it is off)
-    layers.append(keras.layers.Dense(registry.NUM_CLASSES, activation=activation, dtype="float32"))
+    layers.append(keras.layers.Dense(registry.NUM_CLASSES, activation=wiring.activation, dtype="float32"))
     return keras.Sequential(layers, name="mlp")
+
+
+def build_optimizer(t: params.TrainParams) -> keras.optimizers.Optimizer:
+    """`train.optimizer` (and its schedule), wrapped for loss scaling under mixed_float16."""
+    optimizer = registry.make_optimizer(t)
+    if keras.mixed_precision.global_policy().name == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def early_stopping(es: params.EarlyStoppingParams) -> keras.callbacks.EarlyStopping | None:
+    """Keras' EarlyStopping from `train.early_stopping`, or None when it is off."""
+    if not es.enabled:
+        return None
+    return keras.callbacks.EarlyStopping(
+        monitor=es.monitor,
+        mode="max" if es.monitor.endswith("accuracy") else "min",  # Keras cannot tell for this loop's metrics
+        patience=es.patience,
+        min_delta=es.min_delta,
+        restore_best_weights=es.restore_best_weights,
+    )
 
 
 def saved_epoch(history: dict[str, list[float]], stopper: keras.callbacks.EarlyStopping | None) -> int:
@@ -79,38 +110,20 @@ class StopOnDivergence(keras.callbacks.Callback):
 def main() -> None:
     p = params.load()
     t = p.train
-    engine.set_threads(t.speed.threads)
-    strategy = engine.strategy_for(t.distribute)  # first: multi_worker must start before other ops
-    keras.utils.set_random_seed(t.seed)
-    tf.config.experimental.enable_op_determinism()
-    if t.mixed_precision:  # float16 where a GPU has fast float16; on a CPU bfloat16
-        gpu = bool(tf.config.list_physical_devices("GPU"))
-        keras.mixed_precision.set_global_policy("mixed_float16" if gpu else "mixed_bfloat16")
+    strategy = configure(t)
+    wiring = registry.head(t.loss, p.model.output_activation, t.from_logits)
     with strategy.scope():
-        model = build_model(p)
-        optimizer, loss = registry.make_optimizer(t), registry.make_loss(t)
-        if keras.mixed_precision.global_policy().name == "mixed_float16":
-            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-        model.compile(optimizer=optimizer, loss=loss, metrics=registry.make_metrics(t))  # the saved model's
+        model, optimizer = build_model(p.model, wiring), build_optimizer(t)
+    loss = registry.make_loss(t, from_logits=wiring.from_logits)
     loop = engine.Loop(
-        model, loss, lambda: registry.make_metrics(t), optimizer, strategy,
+        model, loss, lambda: registry.make_metrics(t, from_logits=wiring.from_logits), optimizer, strategy,
         steps_per_execution=t.speed.steps_per_execution, jit_compile=t.speed.jit_compile,
     )  # fmt: skip
 
     data = datasets.load_npz(DATA)
     datasets.check_sizes(len(data["y_train"]), len(data["y_test"]), t)
     x, y = data["x_train"], registry.encode_labels(data["y_train"], registry.LOSSES[t.loss])
-
-    stopper = None
-    if t.early_stopping.enabled:
-        es = t.early_stopping
-        stopper = keras.callbacks.EarlyStopping(
-            monitor=es.monitor,
-            mode="max" if es.monitor.endswith("accuracy") else "min",  # Keras cannot tell for this loop's metrics
-            patience=es.patience,
-            min_delta=es.min_delta,
-            restore_best_weights=es.restore_best_weights,
-        )
+    stopper = early_stopping(t.early_stopping)
     callbacks = [StopOnDivergence(t.optimizer), *([stopper] if stopper else [])]
     fit = functools.partial(
         loop.fit, x, y, epochs=t.epochs, batch_size=t.batch_size, validation_split=t.validation_split, seed=t.seed
@@ -128,13 +141,9 @@ def main() -> None:
             saved = saved_epoch(history, stopper)  # the summary describes the model that is saved
             live.summary["epochs_run"] = len(history["loss"])
             live.summary["saved"] = {"epoch": saved + 1, **{k: v[saved] for k, v in history.items()}}
-        # the loss's own output (softmax / sigmoid on logits), behind normalize's transform
-        activation = registry.output_activation(
-            registry.LOSSES[t.loss], "auto" if t.from_logits else p.model.output_activation, from_logits=False
-        )
         stats = json.loads(STATS.read_text())
-        shipped = serving.standalone(model, stats, t, activation)
-        serving.save(shipped, model_dir, serving.card(t.loss, activation, stats))
+        shipped = serving.standalone(model, stats, t, wiring, optimizer)
+        serving.save(shipped, model_dir, serving.card(t.loss, wiring, stats))
 
     # Timings differ from run to run: they stay out of the tracked outputs (same params, same bytes).
     epoch_s = [round(s, 4) for s in loop.epoch_seconds]

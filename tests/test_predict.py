@@ -422,13 +422,16 @@ def test_a_model_trained_on_logits_ships_probabilities(tmp_path: Path, small: di
     p = params.parse({"train": {"loss": "categorical_crossentropy", "from_logits": True}})
     from stages import train
 
-    core = train.build_model(p)
-    core.compile(optimizer=registry.make_optimizer(p.train), loss=registry.make_loss(p.train))
+    wiring = registry.head("categorical_crossentropy", from_logits=True)
+    assert (wiring.activation, wiring.output) == ("linear", "softmax")
+    core = train.build_model(p.model, wiring)
+    optimizer = registry.make_optimizer(p.train)
+    core.compile(optimizer=optimizer, loss=registry.make_loss(p.train, from_logits=True))
     spec = registry.LOSSES["categorical_crossentropy"]
     core.fit(small["x_train"], registry.encode_labels(small["y_train"], spec), epochs=1, verbose=0)
     stats = {"method": "scale", "mean": 0.0, "std": 1.0}
-    shipped = serving.standalone(core, stats, p.train, "softmax")
-    serving.save(shipped, tmp_path / "models", serving.card("categorical_crossentropy", "softmax", stats))
+    shipped = serving.standalone(core, stats, p.train, wiring, optimizer)
+    serving.save(shipped, tmp_path / "models", serving.card("categorical_crossentropy", wiring, stats))
 
     model, card = serving.load(tmp_path / "models")
     assert card["output"] == {"activation": "softmax", "meaning": "probabilities", "classes": list(range(10))}
@@ -437,5 +440,5 @@ def test_a_model_trained_on_logits_ships_probabilities(tmp_path: Path, small: di
     np.testing.assert_allclose(model.predict(uint8, verbose=0), keras.ops.softmax(logits).numpy(), atol=1e-5)
     assert model.loss.get_config()["from_logits"] is False  # its compiled loss reads probabilities
     first = (tmp_path / "models/model.keras").read_bytes()
-    serving.save(shipped, tmp_path / "again", serving.card("categorical_crossentropy", "softmax", stats))
+    serving.save(shipped, tmp_path / "again", serving.card("categorical_crossentropy", wiring, stats))
     assert (tmp_path / "again/model.keras").read_bytes() == first  # same weights, same bytes

@@ -22,11 +22,12 @@ def fit_one_epoch(p: params.Params, data: dict[str, np.ndarray]) -> tuple[keras.
     """Train one epoch as the train stage does; return the model, Keras' test scores, predicted classes."""
     keras.utils.set_random_seed(p.train.seed)
     spec = registry.LOSSES[p.train.loss]
-    model = train_stage.build_model(p)
+    wiring = registry.head(p.train.loss, p.model.output_activation, p.train.from_logits)
+    model = train_stage.build_model(p.model, wiring)
     model.compile(
         optimizer=registry.make_optimizer(p.train),
-        loss=registry.make_loss(p.train),
-        metrics=registry.make_metrics(p.train),
+        loss=registry.make_loss(p.train, from_logits=wiring.from_logits),
+        metrics=registry.make_metrics(p.train, from_logits=wiring.from_logits),
     )
     model.fit(data["x_train"], registry.encode_labels(data["y_train"], spec), epochs=1, batch_size=32, verbose=0)
     scores = model.evaluate(data["x_test"], registry.encode_labels(data["y_test"], spec), verbose=0, return_dict=True)
@@ -163,12 +164,15 @@ def test_bad_schedule_arguments_are_clear() -> None:
 
 
 def test_loss_arguments_are_checked_against_the_loss() -> None:
-    loss = registry.make_loss(make({"loss": "categorical_crossentropy", "loss_args": {"label_smoothing": 0.1}}).train)
+    loss = registry.make_loss(
+        make({"loss": "categorical_crossentropy", "loss_args": {"label_smoothing": 0.1}}).train, from_logits=False
+    )
     assert loss.label_smoothing == 0.1
     with pytest.raises(ParamError, match="train.loss_args.label_smoothing: not a parameter of loss 'kl_divergence'"):
-        registry.make_loss(make({"loss": "kl_divergence", "loss_args": {"label_smoothing": 0.1}}).train)
+        kl = make({"loss": "kl_divergence", "loss_args": {"label_smoothing": 0.1}})
+        registry.make_loss(kl.train, from_logits=False)
     with pytest.raises(ParamError, match="train.loss_args.from_logits: set train.from_logits instead"):
-        registry.make_loss(make({"loss_args": {"from_logits": True}}).train)
+        registry.make_loss(make({"loss_args": {"from_logits": True}}).train, from_logits=False)
 
 
 @pytest.mark.parametrize("activation", registry.HIDDEN_ACTIVATIONS + registry.OUTPUT_ACTIVATIONS)

@@ -109,11 +109,26 @@ OUTPUT_ACTIVATIONS: tuple[str, ...] = ("softmax", "sigmoid", "linear", "tanh")
 _RESERVED_LOSS_ARGS = {"from_logits": "train.from_logits", "name": None, "dtype": None, "reduction": None}
 
 
-def output_activation(spec: LossSpec, requested: str, from_logits: bool) -> str:
-    """The activation of the output layer: linear on logits, else the requested or default one."""
-    if from_logits:
-        return "linear"
-    return spec.default_activation if requested == "auto" else requested
+@dataclass(frozen=True)
+class Head:
+    """How the model ends for one loss: the one place that decides it (train, serving, the card, the trial).
+
+    `activation`: the last Dense layer's, as trained ("linear" when the loss is computed on logits).
+    `from_logits`: whether the loss and metrics take that layer's raw outputs.
+    `output`: what the shipped model outputs: the loss's own probabilities (softmax / sigmoid) on
+    logits, else `activation`; the shipped model appends an Activation layer when they differ.
+    """
+
+    activation: str
+    from_logits: bool
+    output: str
+
+
+def head(loss: str, output_activation: str = "auto", from_logits: bool = False) -> Head:
+    """The Head for `train.loss`, `model.output_activation` and `train.from_logits` (checked by check_combination)."""
+    spec = LOSSES[loss]
+    output = spec.default_activation if from_logits or output_activation == "auto" else output_activation
+    return Head(activation="linear" if from_logits else output, from_logits=from_logits, output=output)
 
 
 def check_combination(loss: str, requested: str, from_logits: bool) -> None:
@@ -228,8 +243,11 @@ def _construct(cls: type, kwargs: Mapping[str, Any], key: str, what: str) -> Any
         raise ParamError(key, f"{what} rejected these settings: {exc}") from exc
 
 
-def make_loss(train: TrainParams, from_logits: bool | None = None) -> keras.losses.Loss:
-    """The Keras loss object for `train.loss`, `train.loss_args` and `train.from_logits` (or `from_logits`)."""
+def make_loss(train: TrainParams, *, from_logits: bool) -> keras.losses.Loss:
+    """The Keras loss for `train.loss` and `train.loss_args`, on logits or not (`Head.from_logits`).
+
+    Raises ParamError for an argument the loss does not take or refuses.
+    """
     import keras
 
     spec = LOSSES[train.loss]
@@ -242,15 +260,14 @@ def make_loss(train: TrainParams, from_logits: bool | None = None) -> keras.loss
         train.loss_args, _accepted(cls, set(_RESERVED_LOSS_ARGS)), "train.loss_args", f"loss '{train.loss}'"
     )
     if spec.from_logits:
-        kwargs["from_logits"] = train.from_logits if from_logits is None else from_logits
+        kwargs["from_logits"] = from_logits
     return _construct(cls, kwargs, "train.loss_args", f"loss '{train.loss}'")
 
 
-def make_metrics(train: TrainParams, from_logits: bool | None = None) -> list[keras.metrics.Metric]:
-    """Top-1 `accuracy` for every loss, plus `binary_accuracy` for one-vs-rest losses."""
+def make_metrics(train: TrainParams, *, from_logits: bool) -> list[keras.metrics.Metric]:
+    """Top-1 `accuracy` for every loss, plus `binary_accuracy` for one-vs-rest losses (threshold 0 on logits)."""
     import keras
 
-    from_logits = train.from_logits if from_logits is None else from_logits
     spec = LOSSES[train.loss]
     if spec.labels == "sparse":
         metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
@@ -315,14 +332,12 @@ def trial(train: TrainParams) -> None:
     """
     import keras
 
-    optimizer, loss, metrics = make_optimizer(train), make_loss(train), make_metrics(train)
+    wiring = head(train.loss, from_logits=train.from_logits)
+    optimizer = make_optimizer(train)
+    loss = make_loss(train, from_logits=wiring.from_logits)
+    metrics = make_metrics(train, from_logits=wiring.from_logits)
     spec = LOSSES[train.loss]
-    model = keras.Sequential(
-        [
-            keras.Input((4,)),
-            keras.layers.Dense(NUM_CLASSES, activation=output_activation(spec, "auto", train.from_logits)),
-        ]
-    )
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(NUM_CLASSES, activation=wiring.activation)])
     keys = ", ".join(keras_arguments(train)) or "train"
     try:
         model.compile(optimizer=optimizer, loss=loss, metrics=metrics)

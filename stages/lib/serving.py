@@ -34,11 +34,14 @@ OUTPUTS = {"softmax": "probabilities", "sigmoid": "one-vs-rest probabilities", "
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
-def standalone(core: keras.Model, stats: dict[str, Any], train: Any, activation: str) -> keras.Model:
-    """uint8 images -> `core` (trained on normalized floats) -> probabilities, compiled for evaluation.
+def standalone(
+    core: keras.Model, stats: dict[str, Any], train: Any, wiring: registry.Head, optimizer: keras.optimizers.Optimizer
+) -> keras.Model:
+    """uint8 (n, 28, 28) images -> `core` (trained on normalized floats) -> float32 (n, 10) `wiring.output`.
 
-    `activation` is the output the loss works on; when `core` ends in logits (linear) but the
-    loss's probabilities are softmax / sigmoid, an Activation layer turns them into those.
+    When `core` ends in logits, an Activation layer turns them into the loss's probabilities. The
+    model is compiled with the loss on those outputs, its metrics and the trained `optimizer`
+    (its state is saved too, so the file can be trained further).
     """
     mean, std = float(stats["mean"]), float(stats["std"])
     layers: list[keras.layers.Layer] = [
@@ -46,23 +49,23 @@ def standalone(core: keras.Model, stats: dict[str, Any], train: Any, activation:
         keras.layers.Rescaling(scale=1 / (255 * std), offset=-mean / std, name="normalize"),
         *core.layers,
     ]
-    if core.layers[-1].activation.__name__ != activation:
+    if wiring.activation != wiring.output:
         # float32 under a mixed-precision policy too: the card promises float32 probabilities
-        layers.append(keras.layers.Activation(activation, name="probabilities", dtype="float32"))
+        layers.append(keras.layers.Activation(wiring.output, name="probabilities", dtype="float32"))
     model = keras.Sequential(layers, name="mnist_digits")
     model.compile(
-        optimizer=core.optimizer,  # the trained state, so the file can be trained further
+        optimizer=optimizer,
         loss=registry.make_loss(train, from_logits=False),
         metrics=registry.make_metrics(train, from_logits=False),
     )
     return model
 
 
-def card(loss: str, activation: str, stats: dict[str, Any]) -> dict[str, Any]:
+def card(loss: str, wiring: registry.Head, stats: dict[str, Any]) -> dict[str, Any]:
     """What `model.json` says about the model: its input, its output, and its loss's wiring."""
     return {
         "input": {"shape": [28, 28], "dtype": "uint8", "ink": "light on dark, 0-255, as in MNIST"},
-        "output": {"activation": activation, "meaning": OUTPUTS[activation], "classes": list(range(10))},
+        "output": {"activation": wiring.output, "meaning": OUTPUTS[wiring.output], "classes": list(range(10))},
         "loss": loss,
         "labels": registry.LOSSES[loss].labels,
         "normalization": stats,
