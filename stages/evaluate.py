@@ -5,7 +5,7 @@ probabilities out; the loss and its label encoding come from the card (`models/m
 not params.yaml. Computes the test loss with the model's own compiled loss, then predicts
 and scores the predictions with scikit-learn: top-1 accuracy, macro precision / recall / F1,
 per-class F1. `metrics/eval.json` holds the headline, `test.accuracy` and `test.loss` (what
-`dvc exp show` leads with); the other scores go to `metrics/eval/scores.json`. Writes the
+`dvc exp show` leads with); the other scores go to `metrics/eval/metrics.json`. Writes the
 confusion matrix as a DVC confusion plot (dvclive `log_sklearn_plot`) and as a PNG
 (`ConfusionMatrixDisplay`), and prints the test accuracy as the tutorial does.
 """
@@ -30,6 +30,8 @@ from stages.lib.errors import StageError
 DATA = Path("data/raw/dataset.npz")
 METRICS = Path("metrics/eval.json")
 PLOTS_DIR = Path("metrics/eval")
+# evaluate.confusion_normalize -> scikit-learn's `normalize` for the confusion matrix PNG
+SKLEARN_NORMALIZE = {"none": None, "actual": "true", "predicted": "pred", "all": "all"}
 
 
 def main() -> None:
@@ -68,8 +70,8 @@ def main() -> None:
             live.log_sklearn_plot(
                 "confusion_matrix", y_true, y_pred, name="confusion_matrix.json", title="Confusion matrix (test set)"
             )
-        (plots_dir / "metrics.json").unlink(missing_ok=True)  # Live's empty summary; metrics go to eval.json
-        normalize = None if p.evaluate.confusion_normalize == "none" else p.evaluate.confusion_normalize
+            live.summary.update(_plain(scores))  # dvclive's summary: metrics/eval/metrics.json
+        normalize = SKLEARN_NORMALIZE[p.evaluate.confusion_normalize]
         display = ConfusionMatrixDisplay.from_predictions(
             y_true, y_pred, normalize=normalize, values_format=".2f" if normalize else "d", colorbar=False
         )
@@ -77,7 +79,6 @@ def main() -> None:
         display.ax_.set_title(f"{card['loss']}: test accuracy {accuracy:.4f}")
         display.figure_.savefig(plots_dir / "confusion_matrix.png", dpi=100, bbox_inches="tight")
         plt.close(display.figure_)
-        atomic.write_json(plots_dir / "scores.json", _plain(scores))
     atomic.write_json(METRICS, _plain(headline))
     print(f"Test accuracy: {accuracy:.4f}")
 

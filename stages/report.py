@@ -32,7 +32,7 @@ from matplotlib.lines import Line2D
 
 from stages.lib import errors, runner
 
-TRAIN_SUMMARY, SCORES = "metrics/train/metrics.json", "metrics/eval/scores.json"
+TRAIN_SUMMARY, SCORES = "metrics/train/metrics.json", "metrics/eval/metrics.json"
 PARAM_SECTIONS = ("data", "normalize", "model", "train", "evaluate")
 CURVES = {
     "val_loss": "metrics/train/plots/metrics/eval/loss.tsv",

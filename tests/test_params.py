@@ -32,7 +32,7 @@ def test_every_schema_key_is_spelled_out_in_params_yaml() -> None:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     for section in ("data", "normalize", "model", "train", "evaluate"):
         schema = type(getattr(params.Params(), section))
-        assert set(raw[section]) == {f.name for f in params.dataclasses.fields(schema)}, section
+        assert set(raw[section]) == set(schema.model_fields), section
 
 
 @pytest.mark.parametrize(
@@ -159,5 +159,5 @@ def test_params_yaml_that_is_not_yaml_is_one_clear_error(project: Path) -> None:
 def test_the_schema_knows_exactly_the_sources_that_datasets_can_fetch() -> None:
     from stages.lib import datasets
 
-    hint = params.typing.get_type_hints(params.DataParams)["source"]
+    hint = params.DataParams.model_fields["source"].annotation
     assert set(params.typing.get_args(hint)) == set(datasets.SOURCES)

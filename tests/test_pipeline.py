@@ -45,7 +45,7 @@ def test_every_output_exists_and_the_accuracy_comes_from_the_models_predictions(
     model = keras.saving.load_model(repo / "models/model.keras", safe_mode=True)
     predicted = model.predict(raw["x_test"], verbose=0).argmax(axis=1)  # raw uint8 in: it normalizes itself
     test = load_json(repo / "metrics/eval.json")["test"]
-    scores = load_json(repo / "metrics/eval/scores.json")
+    scores = load_json(repo / "metrics/eval/metrics.json")
     assert list(test) == ["accuracy", "loss"] and 0 < test["accuracy"] <= 1
     assert test["accuracy"] == pytest.approx(accuracy_score(norm["y_test"], predicted), abs=1e-6)
     assert test["accuracy"] == pytest.approx(scores["keras_accuracy"], abs=1e-6)
@@ -64,7 +64,7 @@ def test_dvc_sees_metrics_and_plots_with_no_flags(repo: Path) -> None:
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout)
     files = shown[""]["data"] if "" in shown else next(iter(shown.values()))["data"]
     assert set(files) == {"metrics/eval.json"}  # the headline; the rest on request, below
-    more = run(["dvc", "metrics", "show", "metrics/eval/scores.json", "metrics/train/metrics.json"], repo).stdout
+    more = run(["dvc", "metrics", "show", "metrics/eval/metrics.json", "metrics/train/metrics.json"], repo).stdout
     assert "f1_macro" in more and "epochs_run" in more
     plots = run(["dvc", "plots", "show", "--json"], repo).stdout
     for name in ("confusion_matrix.json", "Loss per epoch", "Accuracy per epoch", "confusion_matrix.png"):
@@ -182,7 +182,7 @@ def test_the_tutorials_configuration_matches_sparse_categorical_crossentropy(rep
         )
         accuracy[loss] = load_json(repo / "metrics/eval.json")["test"]["accuracy"]
         if loss == "binary_crossentropy":
-            assert load_json(repo / "metrics/eval/scores.json")["binary_accuracy"] > accuracy[loss]
+            assert load_json(repo / "metrics/eval/metrics.json")["binary_accuracy"] > accuracy[loss]
     assert accuracy["binary_crossentropy"] > 0.85
     assert abs(accuracy["binary_crossentropy"] - accuracy["sparse_categorical_crossentropy"]) <= 0.02, accuracy
     reset_worktree(repo)

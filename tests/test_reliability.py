@@ -7,6 +7,7 @@ import copy
 import hashlib
 import http.server
 import json
+import math
 import os
 import signal
 import subprocess
@@ -80,14 +81,46 @@ def mutated_params(draw: st.DrawFn) -> dict:
     return raw
 
 
+def schema_accepts(raw: dict) -> bool:
+    """An independent judge of types, ranges, choices and unknown keys: the JSON Schema of `params.Params`,
+    checked by the jsonschema package (integers are not floats or booleans, numbers are finite)."""
+    import jsonschema
+
+    checker = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine_many(
+        {
+            "integer": lambda _, v: isinstance(v, int) and not isinstance(v, bool),
+            "number": lambda _, v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+        }
+    )
+    validator = jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=checker)
+    raw = copy.deepcopy(raw)
+    evaluate = raw.get("evaluate")
+    if isinstance(evaluate, dict) and evaluate.get("confusion_normalize", "") in (True, "true", "pred", None):
+        evaluate["confusion_normalize"] = "actual"  # earlier spellings, still accepted
+    return validator(params.Params.model_json_schema()).is_valid(raw)
+
+
+# Keys whose rules the JSON Schema cannot state: joined keys, URL and checksum formats, and Keras'
+# arguments (judged by Keras itself and the registry).
+RULE_KEYS = ("model.output_activation", "train.from_logits", "train.early_stopping.monitor", "data.url", "data.sha256")
+KERAS_SECTIONS = ("train.optimizer", "train.lr_schedule", "train.loss_args")
+
+
 @settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(mutated_params())
 def test_any_params_mapping_validates_or_names_the_dotted_key(raw: dict) -> None:
+    """Accepted: the schema's judge agrees and every given value is kept. Refused: one line naming a key
+    that the judge refuses too, or one whose rule lies outside the JSON Schema."""
     try:
-        params.parse(raw)
+        p = params.parse(raw)
     except ParamError as exc:
         assert exc.key and "\n" not in str(exc)
         assert str(exc).startswith(f"params.yaml: {exc.key}: ")
+        assert not schema_accepts(raw) or exc.key.startswith(RULE_KEYS + KERAS_SECTIONS), str(exc)
+    else:
+        assert schema_accepts(raw), raw
+        assert p.train.epochs == raw.get("train", {}).get("epochs", 10)
+        assert params.parse(p.model_dump()) == p  # what was accepted reads back the same
 
 
 @settings(max_examples=150, deadline=None, derandomize=True)
@@ -121,7 +154,7 @@ def load_text(tmp_path: Path, text: str) -> params.Params:
 
 
 def test_yaml_is_read_as_dvc_writes_it(tmp_path: Path) -> None:
-    """YAML 1.2: exponents are numbers, `true` fits a choice named 'true', yes/on are not booleans."""
+    """YAML 1.2: exponents are numbers, yes/on are not booleans; `true`, an earlier spelling of a choice, is kept."""
     p = load_text(
         tmp_path,
         """
@@ -129,7 +162,7 @@ def test_yaml_is_read_as_dvc_writes_it(tmp_path: Path) -> None:
         evaluate: {confusion_normalize: true}
         """,
     )
-    assert p.train.optimizer.kwargs["learning_rate"] == 0.1 and p.evaluate.confusion_normalize == "true"
+    assert p.train.optimizer.kwargs["learning_rate"] == 0.1 and p.evaluate.confusion_normalize == "actual"
     with pytest.raises(ParamError, match=r"train.from_logits: expected true or false, got 'yes'"):
         load_text(tmp_path, "train: {from_logits: yes}\n")
     with pytest.raises(ParamError, match=r"\(file\): not valid YAML at line 3, column 1: found duplicate key"):
@@ -281,7 +314,7 @@ def test_nested_writes_whose_names_share_a_stem_keep_each_other(tmp_path: Path) 
     (tmp_path / f".eval.json.{2**22 + 7}-00.tmp").write_text("a dead process's: removed")
     with atomic.target(tmp_path / "eval") as folder:
         folder.mkdir()
-        (folder / "scores.json").write_text("{}")
+        (folder / "metrics.json").write_text("{}")
         atomic.write_json(tmp_path / "eval.json", {"test": 1})
         with atomic.target(tmp_path / "eval.json.bak") as other:
             other.write_text("x")
@@ -290,7 +323,7 @@ def test_nested_writes_whose_names_share_a_stem_keep_each_other(tmp_path: Path) 
             assert other.exists() and folder.is_dir()
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == [".eval.json.1-00.tmp", "eval", "eval.json", "eval.json.bak"]
-    assert (tmp_path / "eval/scores.json").read_text() == "{}" and json.loads((tmp_path / "eval.json").read_text())
+    assert (tmp_path / "eval/metrics.json").read_text() == "{}" and json.loads((tmp_path / "eval.json").read_text())
 
 
 def test_a_write_left_by_this_process_before_is_stale(tmp_path: Path) -> None:

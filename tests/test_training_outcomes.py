@@ -165,7 +165,7 @@ def test_mixed_precision_with_logits_ships_float32_probabilities(project_copy: P
     assert result.dtype == tf.float32 and np.allclose(result.numpy().sum(axis=1), 1, atol=1e-5)
 
 
-@pytest.mark.parametrize("normalize", ["true", "pred", "all"])  # none: every other run
+@pytest.mark.parametrize("normalize", ["actual", "predicted", "all"])  # none: every other run
 def test_every_confusion_normalization_runs(project_copy: Path, normalize: str) -> None:
     write_params(project_copy, {"train": {"epochs": 1}, "evaluate": {"confusion_normalize": normalize}})
     run([PYTHON, "-m", "stages.evaluate"], project_copy)
