@@ -27,9 +27,7 @@ def main() -> None:
     with atomic.target(OUT) as tmp:
         tmp.write_text("params.yaml is valid\n")
     p = params.load()
-    sizes = datasets.expected_sizes(p.data)  # None for data.url: train checks the data as read
-    if sizes:
-        datasets.check_sizes(*sizes, p.train, p.data.test_fraction if p.data.source == "mnist_sample" else None)
+    datasets.check_expected_sizes(p)
     if registry.keras_arguments(p.train):
         registry.trial(p.train)
     print(f"params.yaml: valid -> {OUT}")

@@ -99,7 +99,7 @@ SPLITS = [
     ({"train": {"validation_split": 0.9999}}, "train.validation_split", "leaves 0 of 4000 examples to train on"),
     ({"train": {"batch_size": 5000}}, "train.batch_size", "leaves 4000 training examples (of 5000)"),
     ({"train": {"batch_size": 3700}}, "train.validation_split", "leaves 3600 of 4000 examples"),
-    ({"data": {"test_fraction": 0.0002}}, "data.test_fraction", "leaves no test examples (of 5000)"),
+    ({"data": {"test_fraction": 0.0002}}, "data.test_fraction", "into 4999 train and 1 test; a stratified split"),
     ({"train": {"validation_split": 1e-17}}, "train.validation_split", "is 0 validation examples"),
     ({"data": {"test_fraction": 0.998}}, "data.test_fraction", "leaves 10 training examples (of 5000)"),
 ]

