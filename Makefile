@@ -1,5 +1,6 @@
 # make repro : set up .venv from requirements.lock, then run the pipeline (dvc repro)
 # make test  : set up .venv, then run the test suite
+# make test-fast : the unit tests only (no dvc, no stage subprocess, a few training steps at most)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -8,7 +9,7 @@ PLOTS_PAGE := .dvc/plots/offline.html
 # The stages run as `python -m stages.<name>`: put the venv first on PATH for dvc.
 RUN    := PATH="$(CURDIR)/$(BIN):$$PATH"
 
-.PHONY: setup repro test lint sweep compare bench lock clean-venv predict probe
+.PHONY: setup repro test test-fast lint sweep compare bench lock clean-venv predict probe
 
 setup: $(STAMP) $(PLOTS_PAGE)
 
@@ -26,6 +27,9 @@ repro: setup
 
 test: setup
 	$(RUN) $(BIN)/python -m pytest -n 3 --dist loadfile
+
+test-fast: setup
+	$(RUN) $(BIN)/python -m pytest -m "not slow" -n 2
 
 lint: setup
 	$(BIN)/ruff check .

@@ -32,8 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lab_env import BIN, ENV, ROOT  # benchmarks/, on sys.path when a script runs
-from ruamel.yaml import YAML
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root: stages/, tests/
+from tests.harness import BIN, digests, git_project, restore, run
 
 
 @dataclass
@@ -42,13 +42,6 @@ class Case:
     name: str
     prepare: Callable[[Path], list[str]]  # sets up the case in the repo, returns the command to run
     checks_loss: bool = True  # False where the case itself damages an output
-
-
-def sh(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, check=False, timeout=600)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 def exp(*changes: str) -> Callable[[Path], list[str]]:
@@ -294,26 +287,6 @@ CASES += [
 ]  # fmt: skip
 
 
-def snapshot(repo: Path) -> dict[str, str]:
-    files = [
-        p for d in ("models", "metrics", "data/raw", "data/normalized") for p in (repo / d).rglob("*") if p.is_file()
-    ]
-    out = {str(p.relative_to(repo)): hashlib.md5(p.read_bytes()).hexdigest() for p in files if p.name != "timings.json"}
-    lock = YAML(typ="safe").load((repo / "dvc.lock").read_text())["stages"]
-    lock.pop("check", None)  # a check that passed records its params: true, and harmless
-    out["dvc.lock"] = repr(lock)
-    return out
-
-
-def restore(repo: Path, baseline: dict[str, str]) -> None:
-    sh(["git", "rm", "-r", "-q", "-f", "--cached", "."], repo)  # see tests/conftest.py: reset_worktree
-    sh(["git", "reset", "-q", "--hard", "HEAD"], repo)
-    sh(["git", "checkout", "-q", "main"], repo)
-    sh(["dvc", "checkout", "--force"], repo, check=False)
-    if snapshot(repo) != baseline:
-        raise RuntimeError("the scratch copy could not be restored")
-
-
 RESTORE = "dvc checkout --force"  # what a stage's line says restores the outputs DVC deleted
 
 
@@ -338,19 +311,11 @@ def main() -> None:
     args = parser.parse_args()
     base = args.keep or Path(tempfile.mkdtemp(prefix="probe-"))
     repo = base / "repo"
-    files = sh(["git", "ls-files", "--cached", "--others", "--exclude-standard"], ROOT).stdout.split()
-    for name in files:
-        if (ROOT / name).is_file() and not name.startswith(("tests/", "benchmarks/", "reports/")):
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, repo / name)
-    params = (repo / "params.yaml").read_text()
-    (repo / "params.yaml").write_text(params.replace("\n  epochs: 10\n", "\n  epochs: 1\n"))  # quick to train
-    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "p"]):
-        sh(cmd, repo)
-    sh(["dvc", "repro"], repo)
-    sh(["git", "add", "-A"], repo)
-    sh(["git", "commit", "-qm", "repro"], repo)
-    baseline = snapshot(repo)
+    git_project(repo, {"train": {"epochs": 1}})  # quick to train
+    run(["dvc", "repro"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "repro"], repo)
+    baseline = digests(repo, lock=True)
 
     cases = [c for c in CASES if not args.only or args.only in c.name]
     counts: Counter[str] = Counter()
@@ -359,16 +324,18 @@ def main() -> None:
     for i, case in enumerate(cases, 1):
         start = time.perf_counter()
         cmd = case.prepare(repo)
-        proc = sh(cmd, repo, check=False)
+        proc = run(cmd, repo, check=False)
         if RESTORE in proc.stdout + proc.stderr:  # the one command the stage printed, as a user would run it
-            sh(RESTORE.split(), repo, check=False)
-        lost = case.checks_loss and snapshot(repo) != baseline
+            run(RESTORE.split(), repo, check=False)
+        lost = case.checks_loss and digests(repo, lock=True) != baseline
         outcome, said = classify(case, proc, lost)
         counts[outcome] += 1
         said = said.replace("|", "/")[:150]
         print(f"| {i} | {case.kind} | `{case.name}` | {outcome} | {said} | {time.perf_counter() - start:.1f} |")
         sys.stdout.flush()
-        restore(repo, baseline)
+        restore(repo)
+        if digests(repo, lock=True) != baseline:
+            raise RuntimeError("the scratch copy could not be restored")
     print(f"\n{len(cases)} cases: " + ", ".join(f"{counts[k]} {k}" for k in sorted(counts)))
     if not args.keep:
         shutil.rmtree(base, ignore_errors=True)

@@ -10,33 +10,27 @@ committed params (`-S train.seed=42`: served by the run-cache), then `-S train.s
 
 from __future__ import annotations
 
-import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from lab_env import ENV, ROOT  # benchmarks/, on sys.path when a script runs
-
-
-def sh(cmd: list[str], cwd: Path) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, check=False)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc.stdout
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root: stages/, tests/
+from tests.harness import ROOT, run
 
 
 def timed_exp(repo: Path, change: str) -> tuple[float, list[str]]:
     start = time.perf_counter()
-    out = sh(["dvc", "exp", "run", "-S", change], repo)
+    out = run(["dvc", "exp", "run", "-S", change], repo).stdout
     ran = [line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")]
     return time.perf_counter() - start, ran
 
 
 def main() -> None:
     repo = Path(tempfile.mkdtemp(prefix="bench-run-cache-")) / "lab"
-    sh(["git", "clone", "-q", str(ROOT), str(repo)], ROOT)
-    sh(["dvc", "repro"], repo)
-    sh(["git", "commit", "-qam", "dvc repro", "--allow-empty"], repo)
+    run(["git", "clone", "-q", str(ROOT), str(repo)], ROOT)
+    run(["dvc", "repro"], repo)
+    run(["git", "commit", "-qam", "dvc repro", "--allow-empty"], repo)
     fresh, ran_fresh = timed_exp(repo, "train.seed=7")
     back, ran_back = timed_exp(repo, "train.seed=42")
     revisit, ran_revisit = timed_exp(repo, "train.seed=7")

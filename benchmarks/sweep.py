@@ -13,25 +13,20 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import dvc.api
-from lab_env import ENV, ROOT  # benchmarks/, on sys.path when a script runs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root: stages/, tests/
+from tests.harness import ROOT, run
 
 LOSSES = (
     "sparse_categorical_crossentropy,categorical_crossentropy,binary_crossentropy,categorical_focal_crossentropy,"
     "binary_focal_crossentropy,kl_divergence,poisson,categorical_hinge,squared_hinge,mean_squared_error"
 )
-
-
-def sh(cmd: list[str], cwd: Path) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, check=False)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc.stdout
 
 
 def column(row: dict, name: str) -> object:
@@ -41,19 +36,20 @@ def column(row: dict, name: str) -> object:
 
 def sweep(repo: Path, losses: str, optimizers: str, jobs: int) -> tuple[float, dict[tuple, tuple]]:
     """Queue the grid, run it with `jobs` workers; wall seconds and {(loss, optimizer): metrics}."""
-    sh(["dvc", "exp", "run", "--queue", "-S", f"train.loss={losses}", "-S", f"train.optimizer.name={optimizers}"], repo)
+    grid = ["-S", f"train.loss={losses}", "-S", f"train.optimizer.name={optimizers}"]
+    run(["dvc", "exp", "run", "--queue", *grid], repo)
     start = time.perf_counter()
-    sh(["dvc", "exp", "run", "--run-all", "--jobs", str(jobs)], repo)
+    run(["dvc", "exp", "run", "--run-all", "--jobs", str(jobs)], repo)
     seconds = time.perf_counter() - start
     results = {}
     for row in dvc.api.exp_show(repo=str(repo)):
         if row.get("Experiment"):
             key = (column(row, "train.loss"), column(row, "train.optimizer.name"))
             results[key] = (column(row, "test.accuracy"), column(row, "test.loss"))
-    failed = sh(["dvc", "queue", "status"], repo).count("Failed")
+    failed = run(["dvc", "queue", "status"], repo).stdout.count("Failed")
     if failed:
         raise SystemExit(f"{failed} experiments failed: dvc queue logs in {repo}")
-    sh(["dvc", "exp", "remove", "--all-commits"], repo)
+    run(["dvc", "exp", "remove", "--all-commits"], repo)
     shutil.rmtree(repo / ".dvc/cache/runs", ignore_errors=True)  # the next sweep trains too, not restores
     return seconds, results
 
@@ -65,9 +61,9 @@ def main() -> None:
     parser.add_argument("--optimizers", default="adam,sgd,rmsprop")
     args = parser.parse_args()
     repo = Path(tempfile.mkdtemp(prefix="bench-sweep-")) / "lab"
-    sh(["git", "clone", "-q", str(ROOT), str(repo)], ROOT)
-    sh(["dvc", "repro"], repo)
-    sh(["git", "commit", "-qam", "dvc repro", "--allow-empty"], repo)
+    run(["git", "clone", "-q", str(ROOT), str(repo)], ROOT)
+    run(["dvc", "repro"], repo)
+    run(["git", "commit", "-qam", "dvc repro", "--allow-empty"], repo)
     count = len(args.losses.split(",")) * len(args.optimizers.split(","))
     one, results_one = sweep(repo, args.losses, args.optimizers, 1)
     many, results_many = sweep(repo, args.losses, args.optimizers, args.jobs)

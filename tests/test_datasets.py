@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import http.server
 import io
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import pytest
 from stages.lib import datasets
 from stages.lib.errors import DataError
 from stages.lib.params import DataParams
-from tests.conftest import VENV_BIN, run, write_params
+from tests.harness import BIN, FileServer, run, write_params
 
 
 def keras_npz(n_train: int = 60, n_test: int = 20, seed: int = 0) -> dict[str, np.ndarray]:
@@ -46,42 +44,13 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-class Server:
-    """Serves `files` (path -> bytes) on 127.0.0.1; `truncate` paths announce more than they send."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.truncate: set[str] = set()
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                body = outer.files.get(self.path)
-                if body is None:
-                    self.send_error(404, "Not Found")
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body[: len(body) // 2] if self.path in outer.truncate else body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-
 @pytest.fixture
-def server() -> Iterator[Server]:
-    srv = Server()
-    yield srv
-    srv.httpd.shutdown()
-    srv.httpd.server_close()
+def server() -> Iterator[FileServer]:
+    with FileServer() as srv:
+        yield srv
 
 
-def test_mnist_from_an_http_mirror_round_trips(server: Server) -> None:
+def test_mnist_from_an_http_mirror_round_trips(server: FileServer) -> None:
     arrays = keras_npz()
     server.files["/mnist.npz"] = body = npz_bytes(arrays)
     got = datasets.download(DataParams(source="mnist", url=f"{server.url}/mnist.npz", sha256=sha(body)))
@@ -89,20 +58,20 @@ def test_mnist_from_an_http_mirror_round_trips(server: Server) -> None:
         np.testing.assert_array_equal(got[key], arrays[key])
 
 
-def test_a_mirror_without_its_own_checksum_is_held_to_the_official_one(server: Server) -> None:
+def test_a_mirror_without_its_own_checksum_is_held_to_the_official_one(server: FileServer) -> None:
     server.files["/mnist.npz"] = npz_bytes(keras_npz())
     with pytest.raises(DataError, match="checksum mismatch .* expected sha256 731c5ac6"):
         datasets.download(DataParams(source="mnist", url=f"{server.url}/mnist.npz"))
 
 
-def test_a_corrupted_byte_fails_the_checksum(server: Server) -> None:
+def test_a_corrupted_byte_fails_the_checksum(server: FileServer) -> None:
     body = npz_bytes(keras_npz())
     server.files["/mnist.npz"] = body[:-1] + bytes([body[-1] ^ 1])
     with pytest.raises(DataError, match="checksum mismatch"):
         datasets.download(DataParams(source="mnist", url=f"{server.url}/mnist.npz", sha256=sha(body)))
 
 
-def test_http_errors_and_unreachable_hosts_are_one_clear_error(server: Server) -> None:
+def test_http_errors_and_unreachable_hosts_are_one_clear_error(server: FileServer) -> None:
     with pytest.raises(DataError, match="HTTP 404"):
         datasets.download(DataParams(source="mnist", url=f"{server.url}/missing.npz"))
     with socket.socket() as s:  # a port that nothing listens on
@@ -112,7 +81,7 @@ def test_http_errors_and_unreachable_hosts_are_one_clear_error(server: Server) -
         datasets.download(DataParams(source="mnist", url=f"http://127.0.0.1:{port}/mnist.npz"))
 
 
-def test_a_download_cut_short_is_reported_and_leaves_nothing(server: Server, tmp_path: Path) -> None:
+def test_a_download_cut_short_is_reported_and_leaves_nothing(server: FileServer, tmp_path: Path) -> None:
     body = npz_bytes(keras_npz())
     server.files["/mnist.npz"] = body
     server.truncate.add("/mnist.npz")
@@ -122,7 +91,7 @@ def test_a_download_cut_short_is_reported_and_leaves_nothing(server: Server, tmp
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_file_that_matches_its_checksum_but_is_not_a_dataset_is_rejected(server: Server) -> None:
+def test_a_file_that_matches_its_checksum_but_is_not_a_dataset_is_rejected(server: FileServer) -> None:
     wrong = {k: v for k, v in keras_npz().items() if k != "y_test"}
     server.files["/a.npz"] = a = npz_bytes(wrong)
     with pytest.raises(DataError, match="missing arrays \\['y_test'\\]"):
@@ -155,7 +124,7 @@ def test_official_sources_must_have_their_official_sizes() -> None:
         datasets.validate(keras_npz(), (60_000, 10_000))
 
 
-def test_fashion_mnist_idx_files_from_a_folder_url(server: Server) -> None:
+def test_fashion_mnist_idx_files_from_a_folder_url(server: FileServer) -> None:
     arrays = keras_npz(seed=3)
     names = {
         "train-images-idx3-ubyte.gz": arrays["x_train"],
@@ -198,8 +167,10 @@ def test_bundled_sample_is_split_stratified_and_reproducibly(sample: dict[str, n
     assert not any(row.tobytes() in train for row in sample["x_test"])
 
 
-def test_download_stage_keeps_the_previous_output_when_a_later_download_fails(project: Path, server: Server) -> None:
-    python = str(VENV_BIN / "python")
+def test_download_stage_keeps_the_previous_output_when_a_later_download_fails(
+    project: Path, server: FileServer
+) -> None:
+    python = str(BIN / "python")
     run([python, "-m", "stages.download"], project)
     out = project / "data/raw/dataset.npz"
     before = out.read_bytes()

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from stages.lib import params
-from tests.conftest import ROOT
+from tests.harness import ROOT
 
 DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 PIPELINE = [name for name in DVC_YAML if name != "check"]

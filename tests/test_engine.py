@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,10 +13,12 @@ import keras
 import numpy as np
 import pytest
 
-from tests.conftest import ENV, ROOT, run, write_params
+from tests.harness import ENV, ROOT, free_ports, run, write_params
 
 PYTHON = sys.executable
 QUIET = {**ENV, "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+pytestmark = pytest.mark.slow  # subprocesses: stages, TensorFlow in each
 
 
 @pytest.mark.parametrize(
@@ -39,16 +40,6 @@ def with_data(project: Path, small: dict[str, np.ndarray]) -> Path:
     np.savez(project / "data/normalized/dataset.npz", **small)
     (project / "data/normalized/stats.json").write_text(json.dumps({"method": "scale", "mean": 0.0, "std": 1.0}))
     return project
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def test_two_workers_on_localhost_train_like_one_and_only_the_chief_writes(

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from stages import normalize
-from tests.conftest import VENV_BIN, run, write_params
+from tests.harness import BIN, run, write_params
 
 
 def test_scale_maps_pixels_into_0_1(sample: dict[str, np.ndarray]) -> None:
@@ -29,7 +29,7 @@ def test_standardize_uses_train_statistics_only(sample: dict[str, np.ndarray]) -
 
 
 def test_stage_writes_data_and_reusable_statistics(project: Path) -> None:
-    python = str(VENV_BIN / "python")
+    python = str(BIN / "python")
     write_params(project, {"normalize": {"method": "standardize"}})
     run([python, "-m", "stages.download"], project)
     run([python, "-m", "stages.normalize"], project)

@@ -9,7 +9,7 @@ import yaml
 
 from stages.lib import params
 from stages.lib.errors import ParamError
-from tests.conftest import ROOT, VENV_BIN, run, write_params
+from tests.harness import BIN, ROOT, run, write_params
 
 
 def parse_error(raw: dict) -> ParamError:
@@ -132,15 +132,16 @@ def test_good_combinations_are_accepted() -> None:
 def test_a_stage_with_bad_params_exits_non_zero_with_one_line_and_writes_nothing(project: Path) -> None:
     """download does not read train.*, but the whole file is validated before any stage works."""
     write_params(project, {"train": {"epochs": 0}})
-    proc = run([str(VENV_BIN / "python"), "-m", "stages.download"], project, check=False)
+    proc = run([str(BIN / "python"), "-m", "stages.download"], project, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: params.yaml: train.epochs: must be >= 1, got 0"
     assert not (project / "data").exists()
 
 
+@pytest.mark.slow
 def test_train_rejects_an_unknown_optimizer_argument_before_reading_data(project: Path) -> None:
     write_params(project, {"train": {"optimizer": {"name": "sgd", "momentun": 0.9}}})
-    proc = run([str(VENV_BIN / "python"), "-m", "stages.train"], project, check=False)
+    proc = run([str(BIN / "python"), "-m", "stages.train"], project, check=False)
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: params.yaml: train.optimizer.momentun: not a parameter of optimizer 'sgd'")
@@ -151,7 +152,7 @@ def test_train_rejects_an_unknown_optimizer_argument_before_reading_data(project
 
 def test_params_yaml_that_is_not_yaml_is_one_clear_error(project: Path) -> None:
     (project / "params.yaml").write_text("train: [unclosed\n")
-    proc = run([str(VENV_BIN / "python"), "-m", "stages.normalize"], project, check=False)
+    proc = run([str(BIN / "python"), "-m", "stages.normalize"], project, check=False)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: params.yaml: (file): not valid YAML")
 

@@ -17,15 +17,15 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score
 
-from tests.conftest import ENV, VENV_BIN, dvc_project, reset_worktree, run, write_params
+from tests.harness import BIN, ENV, dvc_project, reset_worktree, run, write_params
 
 pytestmark = pytest.mark.slow(minutes=3)  # on one core: schedules the longest first
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A git + DVC copy of the project with `dvc repro` run once at 1 epoch."""
-    path = tmp_path_factory.mktemp("repo")
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """A git + DVC copy of the project with `dvc repro` run once at 1 epoch (each test its own)."""
+    path = tmp_path / "repo"
     proc = dvc_project(path)
     for stage in ("check", "download", "normalize", "train", "evaluate"):
         assert f"Running stage '{stage}'" in proc.stdout
@@ -93,7 +93,7 @@ def test_an_experiment_reruns_only_train_and_evaluate_and_metrics_diff_shows_it(
     assert params["params.yaml"]["train.epochs"] == {"old": 1, "new": 2, "diff": 1}
     shown = run(["dvc", "exp", "show", "--json"], repo).stdout
     assert '"epochs": 2' in shown
-    report = run([str(VENV_BIN / "python"), "-m", "stages.report", "--out", "reports"], repo)
+    report = run([str(BIN / "python"), "-m", "stages.report", "--out", "reports"], repo)
     table = (repo / "reports/compare.md").read_text()
     assert "| experiment | loss | optimizer |" in table and "| 2 |" in table and "| 1 |" in table
     assert (repo / "reports/compare.png").stat().st_size > 10_000
@@ -113,7 +113,7 @@ def output_bytes(repo: Path) -> dict[str, bytes]:
 
 
 def test_same_params_give_the_same_bytes(repo: Path) -> None:
-    python = str(VENV_BIN / "python")
+    python = str(BIN / "python")
     first = output_bytes(repo)
     assert len(first) >= 15 and "models/model.keras" in first and "models/saved_model/saved_model.pb" in first
     run([python, "-m", "stages.train"], repo)
@@ -126,7 +126,7 @@ def test_a_normalized_confusion_png_changes_only_the_picture(repo: Path) -> None
     metrics = (repo / "metrics/eval.json").read_text()
     png = (repo / "metrics/eval/confusion_matrix.png").read_bytes()
     write_params(repo, {"evaluate": {"confusion_normalize": "true"}})
-    run([str(VENV_BIN / "python"), "-m", "stages.evaluate"], repo)
+    run([str(BIN / "python"), "-m", "stages.evaluate"], repo)
     assert (repo / "metrics/eval.json").read_text() == metrics
     assert (repo / "metrics/eval/confusion_matrix.png").read_bytes() != png
     reset_worktree(repo)
@@ -137,7 +137,7 @@ def test_an_interrupted_training_leaves_the_previous_outputs_and_the_next_run_re
     before = model.read_bytes(), metrics.read_bytes()
     write_params(repo, {"train": {"epochs": 200}})
     proc = subprocess.Popen(
-        [str(VENV_BIN / "python"), "-m", "stages.train"],
+        [str(BIN / "python"), "-m", "stages.train"],
         cwd=repo,
         text=True,
         env={**ENV, "PYTHONUNBUFFERED": "1"},
@@ -209,7 +209,7 @@ def test_early_stopping_ends_training_when_the_loss_stops_decreasing(repo: Path)
     """The tutorial's advice as a param: patience 0 and an unreachable min_delta stop after epoch 2."""
     stopping = {"enabled": True, "monitor": "val_loss", "patience": 0, "min_delta": 10.0}
     write_params(repo, {"train": {"epochs": 10, "early_stopping": stopping}})
-    run([str(VENV_BIN / "python"), "-m", "stages.train"], repo)
+    run([str(BIN / "python"), "-m", "stages.train"], repo)
     metrics = load_json(repo / "metrics/train/metrics.json")
     assert metrics["epochs_run"] == 2
     assert len((repo / "metrics/train/plots/metrics/eval/loss.tsv").read_text().splitlines()) == 3

@@ -17,7 +17,6 @@ import pytest
 from PIL import Image
 
 from stages.lib import images, params, registry, serving
-from tests.conftest import ROOT, run, write_params
 from tests.digits import (
     TWISTS,
     alpha_only,
@@ -30,6 +29,7 @@ from tests.digits import (
     render,
     sixteen_bit,
 )
+from tests.harness import ROOT, run, write_params
 
 PYTHON = sys.executable
 
@@ -55,6 +55,7 @@ def predict_json(project: Path, files: list[Path], *extra: str) -> dict:
     return json.loads(proc.stdout)
 
 
+@pytest.mark.slow
 def test_digits_drawn_as_a_person_would_are_read_correctly(trained: Path, tmp_path: Path) -> None:
     """200 test digits as black ink on paper, a few hundred pixels, off-centre, a third as JPEG."""
     x, y = raw_test_split(trained)
@@ -69,6 +70,7 @@ def test_digits_drawn_as_a_person_would_are_read_correctly(trained: Path, tmp_pa
         assert sum(p["outputs"]) == pytest.approx(1, abs=1e-4) and len(p["top"]) == 3
 
 
+@pytest.mark.slow
 def test_untouched_28x28_originals_give_exactly_the_pipelines_outputs(trained: Path, tmp_path: Path) -> None:
     x, _ = raw_test_split(trained)
     files = []
@@ -83,6 +85,7 @@ def test_untouched_28x28_originals_give_exactly_the_pipelines_outputs(trained: P
     assert [p["digit"] for p in result["predictions"]] == expected.argmax(axis=1).tolist()
 
 
+@pytest.mark.slow
 def test_the_saved_model_needs_nothing_but_keras(trained: Path, tmp_path: Path) -> None:
     """A user's script: no project on the path, raw uint8 images in, probabilities out."""
     x, _ = raw_test_split(trained)
@@ -103,6 +106,7 @@ def test_the_saved_model_needs_nothing_but_keras(trained: Path, tmp_path: Path) 
     np.testing.assert_allclose(standalone, model.predict(x[:100], verbose=0), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_savedmodel_serves_the_same_probabilities(trained: Path) -> None:
     import tensorflow as tf
 
@@ -113,6 +117,7 @@ def test_the_savedmodel_serves_the_same_probabilities(trained: Path) -> None:
     assert "serving_default" in served.signatures
 
 
+@pytest.mark.slow
 def test_a_params_edit_after_training_does_not_change_what_evaluate_reads(trained: Path) -> None:
     before = (trained / "metrics/eval.json").read_text()
     card = json.loads((trained / "models/model.json").read_text())
@@ -125,6 +130,7 @@ def test_a_params_edit_after_training_does_not_change_what_evaluate_reads(traine
     assert (trained / "metrics/eval.json").read_text() == before
 
 
+@pytest.mark.slow
 def test_show_draws_the_input_what_the_model_saw_and_its_outputs(trained: Path, tmp_path: Path) -> None:
     x, _ = raw_test_split(trained)
     files = [render(x[i], tmp_path / f"d{i}.png", np.random.default_rng(i)) for i in range(3)]
@@ -135,6 +141,7 @@ def test_show_draws_the_input_what_the_model_saw_and_its_outputs(trained: Path, 
         assert np.asarray(picture.convert("L")).std() > 20  # something was drawn
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_one_line_each_and_exit_2(trained: Path, tmp_path: Path) -> None:
     good = render(raw_test_split(trained)[0][0], tmp_path / "good.png", np.random.default_rng(0))
     (tmp_path / "empty.png").write_bytes(b"")
@@ -190,11 +197,13 @@ def twisted(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     return {name: (np.array([read.get(str(f), -1) for f in fs]), errors[name]) for name, fs in files.items()}
 
 
+@pytest.mark.slow
 def test_every_plain_page_is_read(twisted: dict[str, tuple[np.ndarray, list[str]]]) -> None:
     digits, errors = twisted["plain"]
     assert len(digits) >= 100 and (digits >= 0).all() and not errors
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(TWISTS))
 def test_a_page_saved_as_a_device_saves_it_reads_as_the_plain_page(
     twisted: dict[str, tuple[np.ndarray, list[str]]], kind: str

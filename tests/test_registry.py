@@ -40,6 +40,7 @@ CASES = [(name, False) for name in registry.LOSSES] + [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("loss", "from_logits"), CASES)
 def test_every_loss_trains_and_keras_accuracy_is_top1_accuracy(loss: str, from_logits: bool, small: dict) -> None:
     p = make({"loss": loss, "from_logits": from_logits})
@@ -97,6 +98,7 @@ def test_the_optimizer_list_is_every_optimizer_keras_ships() -> None:
     assert set(registry.OPTIMIZERS) == shipped - wrappers
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", registry.OPTIMIZERS)
 def test_every_optimizer_builds_with_its_params_and_takes_a_step(name: str, small: dict) -> None:
     # Keras' Adafactor adds epsilon_1=1e-30 to squared gradients; where inputs are always 0 (MNIST's
@@ -180,6 +182,7 @@ def test_every_allowed_activation_exists_in_keras(activation: str) -> None:
     assert callable(keras.activations.get(activation))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("activation", registry.HIDDEN_ACTIVATIONS)
 def test_every_hidden_activation_trains(activation: str, small: dict) -> None:
     p = params.parse({"model": {"activation": activation}})
@@ -187,6 +190,7 @@ def test_every_hidden_activation_trains(activation: str, small: dict) -> None:
     assert np.isfinite(scores["loss"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("activation", registry.OUTPUT_ACTIVATIONS)
 def test_every_output_activation_trains_with_a_loss_that_takes_it(activation: str, small: dict) -> None:
     loss = next(name for name, spec in registry.LOSSES.items() if activation in spec.activations)

@@ -8,39 +8,30 @@ redo; a key removed takes its default, a section removed is one line from `check
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import VENV_BIN, dvc_project, reset_worktree, run
+from tests.harness import BIN, digests, dvc_project, reset_worktree, restore, run
 
 pytestmark = pytest.mark.slow(minutes=4)  # on one core: schedules the longest first
 CLEAN = "Data and pipelines are up to date."
 
 
-def digests(repo: Path) -> dict[str, str]:
-    """md5 of every output file, by path (timings are not an output)."""
-    files = [p for d in ("data", "models", "metrics") for p in sorted((repo / d).rglob("*")) if p.is_file()]
-    skip = (".gitignore", "timings.json")
-    return {str(p.relative_to(repo)): hashlib.md5(p.read_bytes()).hexdigest() for p in files if p.name not in skip}
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("runcache")
-    dvc_project(path)  # 1 epoch, committed
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    path = tmp_path / "runcache"
+    dvc_project(path)  # 1 epoch, committed; each test its own copy
     return path
 
 
 @pytest.fixture
 def baseline(repo: Path) -> dict[str, str]:
-    """The committed outputs; every test leaves the workspace as it found it."""
+    """The committed outputs; the test must leave the workspace restorable to them."""
     outputs = digests(repo)
     yield outputs
-    reset_worktree(repo)
-    run(["dvc", "checkout", "--force"], repo)
-    assert digests(repo) == outputs and CLEAN in run(["dvc", "status"], repo).stdout
+    restore(repo)
+    assert digests(repo) == outputs
 
 
 def ran(output: str) -> list[str]:
@@ -116,7 +107,7 @@ def test_a_removed_key_takes_its_default_and_a_removed_section_is_one_line(repo:
 def test_a_sweep_names_its_failed_experiments_and_exits_non_zero(repo: Path, baseline: dict) -> None:
     """`dvc exp run --run-all` exits 0 after a failure; `python -m stages.sweep` (make sweep) does not."""
     grid = ["-S", "train.optimizer.learning_rate=0.001,1e30"]  # the committed params (run-cache), and one that diverges
-    proc = run([str(VENV_BIN / "python"), "-m", "stages.sweep", *grid], repo, check=False)
+    proc = run([str(BIN / "python"), "-m", "stages.sweep", *grid], repo, check=False)
     line = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and line.startswith("error: 1 of 2 experiments did not finish: "), proc.stderr
     failed = line.split("finish: ")[1].split(" (")[0]

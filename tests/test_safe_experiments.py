@@ -8,51 +8,28 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import psutil
 import pytest
-from ruamel.yaml import YAML
 
-from tests.conftest import ENV, VENV_BIN, dvc_project, reset_worktree, run, write_params
+from tests.harness import BIN, ENV, digests, dvc_project, restore, run, wait_for, write_params
 
 pytestmark = pytest.mark.slow(minutes=4)  # on one core: schedules the longest first
 
 
-def snapshot(repo: Path) -> dict[str, bytes]:
-    """What must not be lost: the model, the tracked metrics and dvc.lock, byte for byte."""
-    files = [repo / "dvc.lock", *sorted(p for d in ("models", "metrics") for p in (repo / d).rglob("*") if p.is_file())]
-    return {str(p.relative_to(repo)): p.read_bytes() for p in files if p.name != "timings.json"}
+def snapshot(repo: Path) -> dict[str, str]:
+    """What must not be lost: every output, and every stage's entry in dvc.lock but check's (a run whose
+    params pass `check` and that fails later leaves DVC's record that check ran with them: true, and
+    harmless)."""
+    return digests(repo, lock=True)
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("safe")
-    dvc_project(path)
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    path = tmp_path / "safe"
+    dvc_project(path)  # each test its own copy
     return path
-
-
-def assert_nothing_lost(before: dict[str, bytes], after: dict[str, bytes]) -> None:
-    """Every output byte for byte, and every stage's entry in dvc.lock but check's.
-
-    A run whose params pass `check` and that fails (or is stopped) later leaves DVC's record that
-    check ran with those params: true, and harmless. Everything that did work is as it was.
-    """
-    before, after = dict(before), dict(after)
-    locks = [YAML(typ="safe").load(d.pop("dvc.lock"))["stages"] for d in (before, after)]
-    for lock in locks:
-        lock.pop("check")
-    assert after == before
-    assert locks[1] == locks[0]
-
-
-def restore(repo: Path) -> None:
-    # A `dvc exp run` killed by SIGTERM/SIGKILL cannot clean up: DVC leaves HEAD detached at the
-    # baseline with its changes staged. `git checkout main` is the user's way back (README).
-    reset_worktree(repo)
-    run(["dvc", "checkout", "--force"], repo)
-    assert "Data and pipelines are up to date." in run(["dvc", "status"], repo).stdout
 
 
 @pytest.mark.parametrize(
@@ -84,7 +61,7 @@ def test_a_bad_edit_stops_dvc_repro_before_anything_runs(repo: Path) -> None:
     assert proc.returncode != 0 and 'found duplicate key "train"' in proc.stderr
     assert "Running stage" not in proc.stdout
     assert snapshot(repo) == before
-    by_hand = run([str(VENV_BIN / "python"), "-m", "stages.check"], repo, check=False)
+    by_hand = run([str(BIN / "python"), "-m", "stages.check"], repo, check=False)
     assert by_hand.returncode == 2
     line = text.count("\n") + 1  # the second `train:`
     assert by_hand.stderr.strip().startswith(f"error: params.yaml: (file): not valid YAML at line {line}, column 1:")
@@ -105,14 +82,14 @@ def test_what_dvc_exp_run_s_writes_is_read_as_meant_and_a_valid_change_reruns_on
 
 def test_a_failed_download_says_how_to_restore_the_data_and_it_does(repo: Path, tmp_path: Path) -> None:
     (tmp_path / "not-mnist.csv.gz").write_text("this is not a gzip file")
-    before = snapshot(repo) | {"raw": (repo / "data/raw/dataset.npz").read_bytes()}
+    before = snapshot(repo)
     url = (tmp_path / "not-mnist.csv.gz").as_uri()
     proc = run(["dvc", "exp", "run", "-S", f"data.url={url}", "-S", "data.sha256=null"], repo, check=False)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "error: checksum mismatch for file://" in output, output
     assert RESTORE in output and "Traceback" not in output
     run(["dvc", "checkout", "--force"], repo)  # DVC deleted data/raw before the stage ran
-    assert_nothing_lost(before, snapshot(repo) | {"raw": (repo / "data/raw/dataset.npz").read_bytes()})
+    assert snapshot(repo) == before
     restore(repo)
 
 
@@ -133,13 +110,13 @@ LONG_SET = ["-S", "train.epochs=6", "-S", "train.speed.jit_compile=false", "-S",
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(repo: Path) -> dict[str, bytes]:
-    """The outputs of the LONG run when nothing interrupts it."""
-    write_params(repo, {"train": LONG})
-    run(["dvc", "repro"], repo)
-    outputs = {k: v for k, v in snapshot(repo).items() if k != "dvc.lock"}
-    restore(repo)
-    return outputs
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The outputs of the LONG run when nothing interrupts it (in a copy of its own)."""
+    path = tmp_path_factory.mktemp("uninterrupted") / "repo"
+    dvc_project(path)
+    write_params(path, {"train": LONG})
+    run(["dvc", "repro"], path)
+    return digests(path)
 
 
 RESTORE = "dvc checkout --force puts back the outputs dvc.lock records"
@@ -190,14 +167,11 @@ def test_stopping_dvc_during_train_leaves_no_process_and_one_printed_command_res
         dvc.send_signal(sig)  # `kill` / `kill -9` of dvc alone
     rest, _ = dvc.communicate(timeout=120)  # returns once dvc and the stage have both closed the pipe
     output = "".join(seen) + rest
-    deadline = time.monotonic() + 30
-    while train_processes(repo) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert train_processes(repo) == [], "a stage outlived dvc"
+    wait_for(lambda: not train_processes(repo), 30, "the stage to end with dvc")
     assert MESSAGES[sig] in output, output
     assert "Traceback" not in output
     run(["dvc", "checkout", "--force"], repo)  # the command the line printed
-    assert_nothing_lost(before, snapshot(repo))
+    assert snapshot(repo) == before
     if sig != signal.SIGKILL:  # the recovery below is the same after each signal; the hardest one shows it
         restore(repo)
         return
@@ -205,7 +179,7 @@ def test_stopping_dvc_during_train_leaves_no_process_and_one_printed_command_res
     run(["git", "checkout", "-q", "--", "params.yaml"], repo)
     write_params(repo, {"train": LONG})
     run(["dvc", "repro"], repo)  # recovers: the same result as a run nothing interrupted
-    assert {k: v for k, v in snapshot(repo).items() if k != "dvc.lock"} == uninterrupted
+    assert digests(repo) == uninterrupted
     leftovers = [p.name for d in (repo, repo / "models", repo / "metrics") for p in d.iterdir() if ".tmp" in p.name]
     assert leftovers == []
     restore(repo)

@@ -7,10 +7,8 @@ otherwise. Real `dvc`, real git, a real S3 server (moto) on 127.0.0.1, real Chro
 
 from __future__ import annotations
 
-import hashlib
 import re
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
@@ -18,21 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import ENV, VENV_BIN, dvc_project, reset_worktree, run
+from tests.harness import BIN, ENV, digests, dvc_project, free_ports, reset_worktree, run
 
 pytestmark = pytest.mark.slow(minutes=3)  # on one core: schedules the longest first
-PYTHON = str(VENV_BIN / "python")
+PYTHON = str(BIN / "python")
 OUTPUTS = ("data", "models", "metrics")
-
-
-def digests(repo: Path) -> dict[str, str]:
-    """md5 of every output file (DVC-cached and git-tracked), by path; timings are not outputs."""
-    files = [p for d in OUTPUTS for p in sorted((repo / d).rglob("*")) if p.is_file()]
-    return {
-        str(p.relative_to(repo)): hashlib.md5(p.read_bytes()).hexdigest()
-        for p in files
-        if p.name not in (".gitignore", "timings.json") and "examples" not in p.parts
-    }
 
 
 def clone(origin: Path, path: Path) -> Path:
@@ -84,19 +72,13 @@ def test_pull_from_the_default_remote_restores_the_outputs_without_training(
     assert "Running stage" not in proc.stdout
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def s3(tmp_path: Path):
     """moto's S3 server on 127.0.0.1 with an empty bucket; yields (endpoint URL, bucket)."""
     boto3 = pytest.importorskip("boto3")
     from moto.server import ThreadedMotoServer
 
-    port = free_port()
+    (port,) = free_ports()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

@@ -16,7 +16,7 @@ import pytest
 
 from stages.lib import datasets, params, registry
 from stages.lib.errors import ParamError
-from tests.conftest import ROOT, run, write_params
+from tests.harness import ROOT, run, write_params
 
 PYTHON = sys.executable
 pytestmark = pytest.mark.slow(minutes=2)  # on one core: schedules the longest first

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ENV, VENV_BIN, git_project, run
+from tests.harness import BIN, ENV, git_project, run, wait_for
 
-PYTHON = str(VENV_BIN / "python")
+PYTHON = str(BIN / "python")
+
+pytestmark = pytest.mark.slow  # subprocesses: stages, TensorFlow in each
 
 
 def _can_unshare() -> bool:
@@ -83,7 +85,7 @@ def test_a_stage_started_from_a_shell_whose_parent_is_outside_the_namespace_runs
 def test_dvc_repro_as_pid_1_runs_its_stages(tmp_path: Path) -> None:
     """`dvc repro` as a CI job's or a Kubernetes pod's entrypoint: each stage's dvc is PID 1."""
     repo = git_project(tmp_path)
-    proc = run([*IN_NAMESPACE, str(VENV_BIN / "dvc"), "repro", "normalize"], repo, check=False)
+    proc = run([*IN_NAMESPACE, str(BIN / "dvc"), "repro", "normalize"], repo, check=False)
     assert_one_clean_success(proc, "Running stage 'normalize'")
     assert "Data and pipelines are up to date." in run(["dvc", "status", "normalize"], repo).stdout
     assert (repo / "data/normalized/dataset.npz").is_file()
@@ -96,9 +98,7 @@ def test_a_detached_stage_outlives_the_shell_that_started_it(project: Path) -> N
         cwd=project, env=ENV, capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     pid = int(shell.stdout.split()[-1])  # the shell has exited; the stage goes on, reparented
-    deadline = time.monotonic() + 120
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for(lambda: not Path(f"/proc/{pid}").exists(), 120, "the detached stage to end")
     log = (project / "log.txt").read_text()
     assert "-> data/raw/dataset.npz" in log and "terminated" not in log, log
     assert (project / "data/raw/dataset.npz").is_file()
@@ -111,9 +111,7 @@ def test_a_detached_dvc_repro_finishes_after_its_shell_exits(tmp_path: Path) -> 
         ["bash", "-c", "setsid nohup sh -c 'dvc repro normalize; echo $? > rc' > log.txt 2>&1 &"],
         cwd=repo, env=ENV, timeout=60, check=True,
     )  # fmt: skip
-    deadline = time.monotonic() + 300
-    while not (repo / "rc").exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_for((repo / "rc").exists, 300, "the detached dvc repro to end")
     log = (repo / "log.txt").read_text()
     assert (repo / "rc").read_text().strip() == "0" and "terminated" not in log, log
     assert "Data and pipelines are up to date." in run(["dvc", "status", "normalize"], repo).stdout
@@ -122,10 +120,11 @@ def test_a_detached_dvc_repro_finishes_after_its_shell_exits(tmp_path: Path) -> 
 def test_commands_that_write_no_dvc_output_take_no_lock(project: Path) -> None:
     """predict and report may run while a stage holds its lock (they read, or write only the user's files)."""
     (project / ".dvc").mkdir()
-    code = "from stages.lib import runner; import time; runner.run(lambda: time.sleep(30))"
+    code = "from pathlib import Path; from stages.lib import runner; import time\n"
+    code += "runner.run(lambda: (Path('ready').touch(), time.sleep(30)))"
     holder = subprocess.Popen([sys.executable, "-c", code], cwd=project, env=ENV)
     try:
-        time.sleep(1.0)
+        wait_for((project / "ready").exists, 60, "the stage to hold its lock")
         code = "from stages.lib import runner; runner.run(lambda: print('ran'), writes_outputs=False)"
         assert run([sys.executable, "-c", code], project).stdout == "ran\n"
     finally:

@@ -1,0 +1,208 @@
+"""What the tests and the benchmarks share: scratch DVC repositories of the project, output digests,
+restore, the subprocess environment, free ports, a local HTTP server, and waiting for a readiness sign.
+
+A plain module (no pytest in it): `tests/conftest.py` builds its fixtures on it and the scripts in
+`benchmarks/` import it (`sys.path` gets the project root first).
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import http.server
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's bin: its python, dvc, ruff
+
+# Commands run with the venv first on PATH and a git identity (a fresh machine has none);
+# DVC's analytics and TensorFlow's start-up chatter off.
+ENV = {
+    **os.environ,
+    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    "PYTHONPATH": "",
+    "GIT_AUTHOR_NAME": "pipeline tests",
+    "GIT_AUTHOR_EMAIL": "tests@example.invalid",
+    "GIT_COMMITTER_NAME": "pipeline tests",
+    "GIT_COMMITTER_EMAIL": "tests@example.invalid",
+    "DVC_NO_ANALYTICS": "1",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+}
+OUTPUTS = ("data/params.ok", "data/raw", "data/normalized", "models", "metrics")  # every DVC output
+NOT_OUTPUTS = (".gitignore", "timings.json")  # timings differ every run and are not tracked
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run a command with ENV; on an unexpected exit raise AssertionError showing its output."""
+    proc = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout, check=False)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def tracked_files() -> list[str]:
+    """The project as a fresh clone has it (tracked and not-ignored files), tests and benchmarks excluded."""
+    out = run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], ROOT).stdout.split()
+    return [f for f in out if (ROOT / f).is_file() and not f.startswith(("tests/", "benchmarks/", "reports/"))]
+
+
+def write_params(project: Path, overrides: dict) -> dict:
+    """params.yaml of the project with `overrides` merged in, section by section (one level deep)."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in overrides.items():
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(params[section].get(key), dict):
+                params[section][key] = {**params[section][key], **value}
+            else:
+                params[section][key] = value
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return params
+
+
+def git_project(path: Path, overrides: dict | None = None) -> Path:
+    """A git + DVC copy of the project at `path` (params with `overrides`), committed, nothing run."""
+    for name in tracked_files():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, path / name)
+    write_params(path, overrides or {})
+    run(["git", "init", "-q", "-b", "main"], path)
+    run(["git", "add", "-A"], path)
+    run(["git", "commit", "-qm", "project"], path)
+    return path
+
+
+_TRAINED: dict[str, tuple[Path, subprocess.CompletedProcess[str]]] = {}  # one per process
+
+
+def dvc_project(path: Path) -> subprocess.CompletedProcess[str]:
+    """A git + DVC copy of the project at `path`, `dvc repro` run once at 1 epoch and committed.
+
+    Returns that `dvc repro`'s output. The first call in a process builds the repository in a
+    folder of its own that nothing else touches; later calls copy it (git, DVC cache and all),
+    which gives each caller the same fresh repository in a fraction of a second.
+    """
+    if "repo" not in _TRAINED:
+        template = Path(tempfile.mkdtemp(prefix="trained-template-")) / "repo"
+        atexit.register(shutil.rmtree, template.parent, ignore_errors=True)
+        git_project(template, {"train": {"epochs": 1}})
+        proc = run(["dvc", "repro"], template)
+        run(["git", "add", "-A"], template)
+        run(["git", "commit", "-qm", "dvc repro, 1 epoch"], template)
+        _TRAINED["repo"] = (template, proc)
+    template, proc = _TRAINED["repo"]
+    shutil.copytree(template, path, symlinks=True, dirs_exist_ok=True)
+    return proc
+
+
+def reset_worktree(repo: Path) -> None:
+    """Every tracked file as HEAD has it, and HEAD back on main.
+
+    `git checkout -- .` is not enough after `dvc exp run`: DVC can leave a changed file whose
+    index entry carries the new file's size and time but the old content, so git thinks it is
+    unchanged and skips it. Dropping the index first makes git compare and rewrite every file.
+    """
+    run(["git", "rm", "-r", "-q", "-f", "--cached", "."], repo)
+    run(["git", "reset", "-q", "--hard", "HEAD"], repo)
+    run(["git", "checkout", "-q", "main"], repo)
+
+
+def restore(repo: Path) -> None:
+    """The committed state, outputs included, as the README tells a user after a stopped run;
+    AssertionError unless `dvc status` is then clean."""
+    reset_worktree(repo)
+    run(["dvc", "checkout", "--force"], repo, check=False)
+    status = run(["dvc", "status"], repo).stdout
+    assert "Data and pipelines are up to date." in status, status
+
+
+def digests(repo: Path, folders: tuple[str, ...] = OUTPUTS, *, lock: bool = False) -> dict[str, str]:
+    """md5 of every output file under `folders`, by path; with `lock`, also dvc.lock's stages but
+    `check` (a check that passed records its params: true, and harmless)."""
+    paths = [path for d in folders for path in [repo / d, *sorted((repo / d).rglob("*"))]]
+    files = [p for p in paths if p.is_file() and p.name not in NOT_OUTPUTS]
+    out = {str(p.relative_to(repo)): hashlib.md5(p.read_bytes()).hexdigest() for p in files}
+    if lock:
+        stages = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+        stages.pop("check", None)
+        out["dvc.lock"] = repr(stages)
+    return out
+
+
+def free_ports(n: int = 1) -> list[int]:
+    """`n` TCP ports on 127.0.0.1 that nothing listened on a moment ago."""
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def wait_for(ready: Callable[[], Any], timeout: float, what: str, every: float = 0.05) -> Any:
+    """Poll `ready()` until it returns something true (returned); AssertionError naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = ready()
+        if result:
+            return result
+        time.sleep(every)
+    raise AssertionError(f"waited {timeout:g}s for {what}")
+
+
+class FileServer:
+    """Serves `files` (path -> bytes) over HTTP on 127.0.0.1, in a thread, as a context manager.
+
+    Faults for the download tests: paths in `truncate` announce their length and send half;
+    the first `failures` requests fail (`failure`: "503", or "drop": half the body, then the
+    connection closes). `requests` counts the GET requests seen.
+    """
+
+    def __init__(self, files: dict[str, bytes] | None = None) -> None:
+        self.files = dict(files or {})
+        self.truncate: set[str] = set()
+        self.failures, self.failure, self.requests = 0, "503", 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.requests += 1
+                failing = outer.requests <= outer.failures
+                body = outer.files.get(self.path)
+                if body is None or (failing and outer.failure == "503"):
+                    self.send_error(404 if body is None else 503)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                half = failing or self.path in outer.truncate
+                self.wfile.write(body[: len(body) // 2] if half else body)
+                if failing:  # "drop"
+                    self.wfile.flush()
+                    self.connection.close()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def __enter__(self) -> FileServer:
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
