@@ -44,11 +44,11 @@ JOBS       ?= $(shell nproc 2>/dev/null || echo 1)
 # Failed experiments are named and the target fails (after writing the report of those that finished).
 sweep: setup
 	$(RUN) $(BIN)/python -m stages.sweep -S "train.loss=$(LOSSES)" -S "train.optimizer.name=$(OPTIMIZERS)" \
-		--jobs $(JOBS); status=$$?; $(RUN) $(BIN)/python -m stages.report --readme README.md; exit $$status
+		--jobs $(JOBS); status=$$?; $(RUN) $(BIN)/python -m stages.report --readme docs/sweep.md; exit $$status
 
-# Refuses to shrink the README's table (a fresh clone has no experiments) unless REPLACE=1.
+# Refuses to shrink docs/sweep.md's table (a fresh clone has no experiments) unless REPLACE=1.
 compare: setup
-	$(RUN) $(BIN)/python -m stages.report --readme README.md $(if $(REPLACE),--replace)
+	$(RUN) $(BIN)/python -m stages.report --readme docs/sweep.md $(if $(REPLACE),--replace)
 
 # Re-pin after changing pyproject.toml's dependency list: every package with the sha256 of each
 # of its files on PyPI (setup installs with --require-hashes). Versions already in the lock are

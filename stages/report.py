@@ -4,18 +4,19 @@ The table lists every experiment of the current commit (and the commit itself): 
 optimizer, learning rate, epochs, test accuracy, test loss and macro F1, best accuracy first.
 The picture overlays the per-epoch validation loss and validation accuracy of each
 experiment (colour = loss, line style = optimizer), read from the curves each experiment
-recorded (DVC-cached outputs, read with `dvc.api.read`). With `--readme README.md` the table
+recorded (DVC-cached outputs, read with `dvc.api.read`). With `--readme docs/sweep.md` the table
 also replaces the block between `<!-- compare:start -->` and `<!-- compare:end -->` there. Nothing is typed in by hand.
 It never shrinks a table: with fewer experiments than the table already shows (a fresh
 clone has none), it stops with one line unless `--replace` says to.
 
-    python -m stages.report [--out reports] [--readme README.md] [--replace]
+    python -m stages.report [--out reports] [--readme docs/sweep.md] [--replace]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -185,6 +186,7 @@ def update_readme(readme: Path, table: str, image: str) -> None:
     start, end = MARKERS
     if start not in text or end not in text:
         raise errors.StageError(f"{readme} has no {start} ... {end} block to fill")
+    image = Path(os.path.relpath(image, readme.parent)).as_posix()  # the link works from the page's folder
     block = f"{start}\n{table}\n![Validation curves per experiment]({image})\n{end}"
     readme.write_text(re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S))
 

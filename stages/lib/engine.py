@@ -49,7 +49,7 @@ def strategy_for(name: str) -> tf.distribute.Strategy:
         raise StageError(
             "train.distribute: multi_worker needs TF_CONFIG, JSON like "
             '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker", "index": 0}} '
-            f"(got {os.environ.get('TF_CONFIG')!r}); see docs/distributed.md"
+            f"(got {os.environ.get('TF_CONFIG')!r}); see docs/training.md"
         )
     return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
 

@@ -2,14 +2,16 @@
 
 For every loss it records the label encoding Keras expects (integer class ids or one-hot
 rows), the output activations that make sense for it (the first is what `auto` picks), and
-whether it can train on logits. Accuracy always means multi-class top-1 accuracy (argmax of
+whether it can train on logits; `head` turns that into how the model ends (used by train,
+serving, the card and the trial). Accuracy always means multi-class top-1 accuracy (argmax of
 the outputs against the true class), whatever the loss; one-vs-rest losses additionally
 report `binary_accuracy`, under that name, never as "accuracy".
 
-Importing this module is cheap (numpy only), so `params` can validate names and combinations
-without TensorFlow. The `make_*` functions import Keras when called (train and evaluate only),
-look classes up through Keras' own `get`, and check every user keyword against the real
-constructor's signature.
+Importing this module is cheap (numpy only), so `params` can take its names as the schema's
+choices without TensorFlow. The `make_*` functions import Keras when called (check's trial,
+train, evaluate), check every user keyword against the real constructor's signature and let the
+constructor judge its values; `trial` takes one training step with them (stage `check`), which
+catches what only training reveals. Raises ParamError naming the key.
 """
 
 from __future__ import annotations
