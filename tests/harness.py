@@ -167,13 +167,14 @@ class FileServer:
 
     Faults for the download tests: paths in `truncate` announce their length and send half;
     the first `failures` requests fail (`failure`: "503", or "drop": half the body, then the
-    connection closes). `requests` counts the GET requests seen.
+    connection closes); with `drip` seconds set, the body comes one byte at a time, that far
+    apart. `requests` counts the GET requests seen.
     """
 
     def __init__(self, files: dict[str, bytes] | None = None) -> None:
         self.files = dict(files or {})
         self.truncate: set[str] = set()
-        self.failures, self.failure, self.requests = 0, "503", 0
+        self.failures, self.failure, self.requests, self.drip = 0, "503", 0, 0.0
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -188,7 +189,11 @@ class FileServer:
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 half = failing or self.path in outer.truncate
-                self.wfile.write(body[: len(body) // 2] if half else body)
+                body = body[: len(body) // 2] if half else body
+                for i in range(0, len(body), 1 if outer.drip else len(body) or 1):
+                    self.wfile.write(body[i : i + 1] if outer.drip else body)
+                    self.wfile.flush()
+                    time.sleep(outer.drip)
                 if failing:  # "drop"
                     self.wfile.flush()
                     self.connection.close()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,7 +88,7 @@ def test_a_download_cut_short_is_reported_and_leaves_nothing(server: FileServer,
     server.files["/mnist.npz"] = body
     server.truncate.add("/mnist.npz")
     dest = tmp_path / "mnist.npz"
-    with pytest.raises(DataError, match="stopped after"):
+    with pytest.raises(DataError, match="stopped before its end: the connection broke off"):
         datasets.fetch(f"{server.url}/mnist.npz", dest, sha(body))
     assert list(tmp_path.iterdir()) == []
 
@@ -181,3 +183,33 @@ def test_download_stage_keeps_the_previous_output_when_a_later_download_fails(
     assert proc.stderr.strip().splitlines()[-1].startswith("error: checksum mismatch")
     assert out.read_bytes() == before
     assert sorted(p.name for p in out.parent.iterdir()) == ["dataset.npz"]  # no temporary left behind
+
+
+# --- bounded: no download waits or grows without end --------------------------------------------
+
+
+def test_a_server_that_drips_stops_at_the_deadline(server: FileServer, tmp_path: Path) -> None:
+    """Headers, then a byte every 0.3 s: each read succeeds, so only the overall deadline ends it."""
+    server.files["/mnist.npz"] = b"x" * 1000
+    server.drip = 0.3
+    start = time.monotonic()
+    with pytest.raises(DataError, match=r"did not finish in time \(data.timeout_s\)"):
+        datasets.fetch(f"{server.url}/mnist.npz", tmp_path / "mnist.npz", "0" * 64, deadline_s=1.0)
+    assert time.monotonic() - start < 10 and list(tmp_path.iterdir()) == []
+
+
+def test_a_fifo_or_device_as_data_url_is_refused_before_it_is_opened(tmp_path: Path) -> None:
+    fifo = tmp_path / "mnist.npz"
+    os.mkfifo(fifo)  # opening it for reading would block until a writer comes
+    for special in (fifo, Path("/dev/zero")):
+        with pytest.raises(DataError, match="is not a regular file"):
+            datasets.fetch(special.as_uri(), tmp_path / "out.npz", "0" * 64)
+    assert not (tmp_path / "out.npz").exists()
+
+
+def test_a_file_larger_than_any_mnist_is_refused(server: FileServer, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(datasets, "MAX_DOWNLOAD_BYTES", 1000)
+    server.files["/mnist.npz"] = b"x" * 5000
+    with pytest.raises(DataError, match="more than any MNIST-sized file"):
+        datasets.fetch(f"{server.url}/mnist.npz", tmp_path / "mnist.npz", "0" * 64)
+    assert list(tmp_path.iterdir()) == []

@@ -7,23 +7,25 @@ temporary file with a progress bar, verified against their sha256, and only then
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
-import http.client
 import importlib.util
 import math
+import stat
 import sys
 import tempfile
 import time
-import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import urllib3
 from tqdm import tqdm
 
 from stages.lib import atomic
@@ -235,70 +237,99 @@ def locations(p: DataParams) -> dict[str, tuple[str, str]]:
 
 
 RETRIES = 3  # attempts after the first, on a 5xx, a 429, a timeout or a dropped connection
-BACKOFF_S = 0.5  # waits 0.5, 1, 2 s between attempts
-
-
-class _TransientError(Exception):
-    """A failure worth another attempt; `message` says what happened."""
-
-
-def fetch(url: str, dest: Path, sha256: str, *, timeout: float = 60) -> None:
-    """Stream `url` to `dest` with a progress bar and verify its sha256; nothing is left on failure.
-
-    A server error (5xx, 429), a timeout or a dropped connection is retried RETRIES times with
-    exponential backoff; then, or on any other failure, one clear DataError.
-    """
-    for attempt in range(RETRIES + 1):
-        try:
-            _fetch_once(url, dest, sha256, timeout)
-            return
-        except _TransientError as exc:
-            if attempt == RETRIES:
-                raise DataError(f"{exc} (tried {RETRIES + 1} times). {OFFLINE_HINT}") from None
-            wait = BACKOFF_S * 2**attempt
-            print(f"{exc}; retrying in {wait:g}s ({attempt + 1}/{RETRIES})", file=sys.stderr)
-            time.sleep(wait)
-
-
+BACKOFF_S = 0.5  # urllib3's backoff factor: waits 0, 1, 2 s between attempts
+CONNECT_TIMEOUT_S, READ_TIMEOUT_S = 10.0, 30.0  # per connection attempt, per socket read
+CHUNK = 1 << 20
+MAX_DOWNLOAD_BYTES = 128 * 2**20  # a bound no MNIST-sized file comes near (mnist.npz: 11 MB)
 OFFLINE_HINT = (
     "Offline? Use data.source: mnist_sample (bundled), or set data.url to a local mirror "
     "(file:///path/to/file) or an http(s) mirror"
 )
 
 
-def _fetch_once(url: str, dest: Path, sha256: str, timeout: float) -> None:
-    digest = hashlib.sha256()
-    try:
-        response = urllib.request.urlopen(url, timeout=timeout)
-    except urllib.error.HTTPError as exc:
-        if exc.code >= 500 or exc.code == 429:
-            raise _TransientError(f"download of {url} failed: HTTP {exc.code} {exc.reason}") from None
-        raise DataError(f"download of {url} failed: HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as exc:
-        reason = getattr(exc, "reason", exc)
-        if isinstance(reason, FileNotFoundError) or url.startswith("file:"):
-            raise DataError(f"cannot read {url} ({reason})") from None
-        raise _TransientError(f"cannot fetch {url} ({reason})") from None
-    except ValueError as exc:  # a URL urllib cannot parse
-        raise DataError(f"data.url: {url!r} is not a valid URL ({exc})") from None
-    with response, atomic.target(dest) as tmp, open(tmp, "wb") as out:
+class _Retry(urllib3.Retry):
+    """urllib3's retry policy (status 429/5xx, connection errors, exponential backoff), saying each retry."""
+
+    def sleep(self, response: urllib3.BaseHTTPResponse | None = None) -> None:
+        last = self.history[-1] if self.history else None
+        why = f"HTTP {last.status}" if last and last.status else type(last.error).__name__ if last else "an error"
+        wait = self.get_backoff_time()
+        when = f"in {wait:g}s" if wait else "now"
+        print(f"download failed ({why}); retrying {when} ({len(self.history)}/{RETRIES})", file=sys.stderr)
+        super().sleep(response)
+
+
+def fetch(url: str, dest: Path, sha256: str, *, deadline_s: float = 600) -> None:
+    """Stream `url` (http, https or file) to `dest` with a progress bar and verify its sha256.
+
+    Retries (urllib3's `Retry`): a 5xx or 429, a connection that fails or drops mid-body, RETRIES
+    times with backoff. Bounded: the whole download, retries included, ends within `deadline_s`
+    seconds (`data.timeout_s`), and a file over MAX_DOWNLOAD_BYTES is refused. Raises DataError
+    in one line; nothing is left at `dest` on failure.
+    """
+    deadline = time.monotonic() + deadline_s
+    if url.startswith("file:"):
+        path = Path(urllib.request.url2pathname(urllib.parse.urlsplit(url).path))
+        try:
+            kind = path.stat().st_mode
+        except OSError as exc:
+            raise DataError(f"cannot read {url} ({exc.strerror})") from None
+        if not stat.S_ISREG(kind):  # a FIFO or a device would block or never end
+            raise DataError(f"{url} is not a regular file; point data.url at the dataset file itself")
+        with path.open("rb") as source:
+            chunks = iter(functools.partial(source.read, CHUNK), b"")
+            _save(chunks, path.stat().st_size, url=url, dest=dest, sha256=sha256, deadline=deadline)
+        return
+    retry = _Retry(total=RETRIES, backoff_factor=BACKOFF_S, status_forcelist=(429, 500, 502, 503, 504))
+    retry = retry.new(raise_on_status=False)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DataError(f"download of {url} did not finish in time (data.timeout_s). {OFFLINE_HINT}")
+        timeout = urllib3.Timeout(connect=min(CONNECT_TIMEOUT_S, left), read=min(READ_TIMEOUT_S, left))
+        try:
+            response = urllib3.request("GET", url, preload_content=False, retries=retry, timeout=timeout)
+        except urllib3.exceptions.MaxRetryError as exc:
+            raise DataError(f"cannot fetch {url} ({exc.reason}) (tried {RETRIES + 1} times). {OFFLINE_HINT}") from None
+        except (urllib3.exceptions.HTTPError, ValueError) as exc:  # a URL urllib3 cannot use
+            raise DataError(f"cannot fetch {url} ({exc}). {OFFLINE_HINT}") from None
+        retry = response.retries or retry
+        if response.status >= 400:
+            tries = f" (tried {RETRIES + 1} times). {OFFLINE_HINT}" if response.status in retry.status_forcelist else ""
+            raise DataError(f"download of {url} failed: HTTP {response.status} {response.reason}{tries}")
         total = int(response.headers.get("Content-Length") or 0) or None
-        bar = tqdm(
-            total=total, unit="B", unit_scale=True, desc=dest.name, file=sys.stderr, mininterval=0.5, leave=False
-        )
-        with bar:
-            while True:
-                try:
-                    chunk = response.read(1 << 20)
-                except (http.client.HTTPException, TimeoutError, ConnectionError) as exc:
-                    raise _TransientError(f"download of {url} broke off after {bar.n} bytes ({exc})") from None
-                if not chunk:
-                    break
-                out.write(chunk)  # a local write error (disk full) is an OSError, reported as such
-                digest.update(chunk)
-                bar.update(len(chunk))
+        try:
+            with response:
+                chunks = iter(functools.partial(response.read1, CHUNK), b"")
+                _save(chunks, total, url=url, dest=dest, sha256=sha256, deadline=deadline)
+            return
+        except (urllib3.exceptions.ProtocolError, urllib3.exceptions.ReadTimeoutError) as exc:
+            try:
+                retry = retry.increment("GET", url, error=exc)
+            except urllib3.exceptions.MaxRetryError:
+                raise DataError(
+                    f"download of {url} stopped before its end: the connection broke off (tried {RETRIES + 1} times)"
+                ) from None
+            retry.sleep()
+
+
+def _save(chunks: Iterator[bytes], total: int | None, *, url: str, dest: Path, sha256: str, deadline: float) -> None:
+    """Write `chunks` to `dest` atomically with a progress bar, within the bounds; then check the sha256."""
+    if total is not None and total > MAX_DOWNLOAD_BYTES:
+        raise DataError(f"{url} is {total} bytes, more than any MNIST-sized file ({MAX_DOWNLOAD_BYTES} at most)")
+    digest = hashlib.sha256()
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, file=sys.stderr, mininterval=0.5, leave=False)
+    with bar, atomic.target(dest) as tmp, open(tmp, "wb") as out:
+        for chunk in chunks:
+            out.write(chunk)  # a local write error (disk full) is an OSError, reported as such
+            digest.update(chunk)
+            bar.update(len(chunk))
+            if bar.n > MAX_DOWNLOAD_BYTES:
+                raise DataError(f"{url} sent over {MAX_DOWNLOAD_BYTES} bytes, more than any MNIST-sized file")
+            if time.monotonic() > deadline:
+                raise DataError(f"download of {url} did not finish in time (data.timeout_s); the server is too slow")
         if total is not None and bar.n != total:
-            raise _TransientError(f"download of {url} stopped after {bar.n} of {total} bytes")
+            raise DataError(f"download of {url} stopped after {bar.n} of {total} bytes")
         if digest.hexdigest() != sha256:
             raise DataError(
                 f"checksum mismatch for {url}: expected sha256 {sha256}, got {digest.hexdigest()}. "
@@ -313,7 +344,7 @@ def download(p: DataParams) -> Dataset:
         paths = {}
         for name, (url, sha256) in locations(p).items():
             paths[name] = Path(tmp, name)
-            fetch(url, paths[name], sha256)
+            fetch(url, paths[name], sha256, deadline_s=p.timeout_s)
         dataset = source.read(paths, p)
     default_sums = p.sha256 is None
     validate(dataset, source.sizes if default_sums else None)
