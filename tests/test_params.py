@@ -162,3 +162,12 @@ def test_the_schema_knows_exactly_the_sources_that_datasets_can_fetch() -> None:
 
     hint = params.DataParams.model_fields["source"].annotation
     assert set(params.typing.get_args(hint)) == set(datasets.SOURCES)
+
+
+def test_params_nested_too_deeply_to_read_is_one_line(tmp_path: Path) -> None:
+    text = (
+        (ROOT / "params.yaml").read_text().replace("loss_args: {}", "loss_args: {a: " + "[" * 5000 + "]" * 5000 + "}")
+    )
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ParamError, match=r"\(file\): .* nests lists or mappings too deeply to read"):
+        params.load(tmp_path / "params.yaml")

@@ -5,6 +5,7 @@ One real training (the default params, 10 epochs on the bundled sample) serves t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
@@ -17,6 +18,7 @@ import pytest
 from PIL import Image
 
 from stages.lib import images, params, registry, serving
+from stages.lib.errors import StageError
 from tests.digits import (
     TWISTS,
     alpha_only,
@@ -451,3 +453,38 @@ def test_a_model_trained_on_logits_ships_probabilities(tmp_path: Path, small: di
     first = (tmp_path / "models/model.keras").read_bytes()
     serving.save(shipped, tmp_path / "again", serving.card("categorical_crossentropy", wiring, stats))
     assert (tmp_path / "again/model.keras").read_bytes() == first  # same weights, same bytes
+
+
+# --- a model and a card that do not belong together, a model that holds code ---------------------
+
+
+def tiny_shipped(folder: Path, *layers: keras.layers.Layer) -> Path:
+    """An untrained uint8-in model saved as train saves one, with a card for categorical crossentropy."""
+    model = keras.Sequential([keras.Input((28, 28), dtype="uint8"), keras.layers.Flatten(), *layers])
+    model.compile(loss="categorical_crossentropy")
+    stats = {"method": "scale", "mean": 0.0, "std": 1.0}
+    wiring = registry.head("categorical_crossentropy")
+    serving.save(model, folder, serving.card("categorical_crossentropy", wiring, stats))
+    return folder
+
+
+def test_a_card_from_another_model_is_one_line(tmp_path: Path) -> None:
+    one = tiny_shipped(tmp_path / "one", keras.layers.Dense(10, activation="softmax"))
+    two = tiny_shipped(tmp_path / "two", keras.layers.Dense(10, activation="sigmoid"))
+    (one / "model.json").write_bytes((two / "model.json").read_bytes())  # another run's card beside it
+    with pytest.raises(StageError, match=r"model.json describes another model than .*model.keras"):
+        serving.load(one)
+
+
+def test_a_planted_model_with_code_is_refused_in_one_line(tmp_path: Path) -> None:
+    """A Lambda layer: safe_mode keeps its code from running, and the line says why the model was refused."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    model = keras.Sequential([keras.Input((28, 28), dtype="uint8"), keras.layers.Flatten()])
+    model.add(keras.layers.Lambda(lambda x: x[:, :10] * 0 + 1.0))
+    model.save(folder / "model.keras")
+    card = serving.card("categorical_crossentropy", registry.head("categorical_crossentropy"), {"mean": 0, "std": 1})
+    card["model_sha256"] = hashlib.sha256((folder / "model.keras").read_bytes()).hexdigest()  # the card matches
+    (folder / "model.json").write_text(json.dumps(card))
+    with pytest.raises(StageError, match=r"holds code \(a Lambda layer or a custom function\), and is refused"):
+        serving.load(folder)

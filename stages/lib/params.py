@@ -119,6 +119,7 @@ class DataParams(Section):
     sha256: Annotated[Any, AfterValidator(_sha256)] = None  # a sum, or a mapping of file -> sum for several files
     test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2  # mnist_sample only: held-out share, stratified
     split_seed: Seed = 42
+    timeout_s: Annotated[float, Field(gt=0)] = 600  # the whole download, retries included, in seconds
 
 
 class NormalizeParams(Section):
@@ -162,6 +163,7 @@ class TrainParams(Section):
     speed: SpeedParams = Field(default_factory=SpeedParams)
     distribute: Literal["none", "mirrored", "multi_worker"] = "none"
     mixed_precision: bool = False  # float16 (GPU) / bfloat16 (CPU) compute, float32 weights
+    log_gradients: bool = False  # per epoch, each Dense kernel's gradient norm and update ratio (dvclive)
 
 
 # `confusion_normalize` spellings of earlier versions: YAML reads `true` as a boolean, `null` as None.
@@ -203,6 +205,8 @@ def load(path: str | Path = PARAMS_FILE) -> Params:
         raise ParamError("(file)", f"{path} not found; run from the project root") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ParamError("(file)", f"cannot read {path} ({exc})") from None
+    except RecursionError:
+        raise ParamError("(file)", f"{path} nests lists or mappings too deeply to read; no setting needs it") from None
     except YAMLError as exc:
         problem = " ".join(str(getattr(exc, "problem", "") or exc).split())
         mark = getattr(exc, "problem_mark", None)

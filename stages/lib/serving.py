@@ -62,7 +62,8 @@ def standalone(
 
 
 def card(loss: str, wiring: registry.Head, stats: dict[str, Any]) -> dict[str, Any]:
-    """What `model.json` says about the model: its input, its output, and its loss's wiring."""
+    """What `model.json` says about the model: its input, its output, and its loss's wiring
+    (`save` adds the sha256 of the model.keras it describes)."""
     return {
         "input": {"shape": [28, 28], "dtype": "uint8", "ink": "light on dark, 0-255, as in MNIST"},
         "output": {"activation": wiring.output, "meaning": OUTPUTS[wiring.output], "classes": list(range(10))},
@@ -79,6 +80,7 @@ def save(model: keras.Model, folder: Path, model_card: dict[str, Any]) -> None:
     model.save(raw)
     reproducible_keras_file(raw, folder / MODEL_FILE)
     raw.unlink()
+    model_card = {**model_card, "model_sha256": hashlib.sha256((folder / MODEL_FILE).read_bytes()).hexdigest()}
     (folder / CARD_FILE).write_text(json.dumps(model_card, indent=2) + "\n")
     export_saved_model(model, folder / SAVED_MODEL)
 
@@ -147,9 +149,22 @@ def load(folder: Path = MODEL_DIR) -> tuple[keras.Model, dict[str, Any]]:
         raise StageError(f"{path}: not a complete .keras file (truncated or damaged); `dvc checkout` it or retrain")
     try:
         model_card = json.loads(card_path.read_text())
-        model = keras.saving.load_model(path, safe_mode=True)
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
-        raise StageError(f"{folder}: cannot load the model ({exc}); `dvc checkout` it or retrain (dvc repro)") from None
+    except (OSError, ValueError) as exc:
+        raise StageError(f"{card_path}: not a readable card ({exc}); `dvc checkout {folder}` or retrain") from None
+    if model_card.get("model_sha256") != hashlib.sha256(path.read_bytes()).hexdigest():
+        raise StageError(
+            f"{card_path} describes another model than {path} (its model_sha256 differs); the two must come "
+            f"from one run: `dvc checkout {folder}`, or retrain (dvc repro)"
+        )
     if model_card.get("loss") not in registry.LOSSES:
         raise StageError(f"{card_path}: unknown loss {model_card.get('loss')!r}; retrain with this version")
+    try:
+        model = keras.saving.load_model(path, safe_mode=True)
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+        if "safe_mode" in str(exc) or "lambda" in str(exc).lower():
+            raise StageError(
+                f"{path} holds code (a Lambda layer or a custom function), and is refused: models are loaded with "
+                "safe_mode, which runs no code from a file. Use a model this pipeline trained (dvc repro)"
+            ) from None
+        raise StageError(f"{folder}: cannot load the model ({exc}); `dvc checkout` it or retrain (dvc repro)") from None
     return model, model_card
