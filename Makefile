@@ -9,7 +9,7 @@ PLOTS_PAGE := .dvc/plots/offline.html
 # The stages run as `python -m stages.<name>`: put the venv first on PATH for dvc.
 RUN    := PATH="$(CURDIR)/$(BIN):$$PATH"
 
-.PHONY: setup repro test test-fast lint sweep compare bench lock clean-venv predict probe
+.PHONY: setup repro test test-fast lint sweep study compare bench lock clean-venv predict probe
 
 setup: $(STAMP) $(PLOTS_PAGE)
 
@@ -45,6 +45,22 @@ JOBS       ?= $(shell nproc 2>/dev/null || echo 1)
 sweep: setup
 	$(RUN) $(BIN)/python -m stages.sweep -S "train.loss=$(LOSSES)" -S "train.optimizer.name=$(OPTIMIZERS)" \
 		--jobs $(JOBS); status=$$?; $(RUN) $(BIN)/python -m stages.report --readme docs/sweep.md; exit $$status
+
+# The study (docs/study.md): each (loss, optimizer) at its own tuned learning rate (validation accuracy),
+# SEEDS seeds at the best one, test accuracy with 95% CIs, as DVC experiments run by Optuna's workers.
+# make study [LOSSES=a,b] [OPTIMIZERS=adam,sgd] LRS=... SEEDS=5 EPOCHS=10 WORKERS=2 [SOURCE=mnist]
+#            [STORAGE=postgresql://user:pw@host/db] [PUSH=origin] [STUDY=name] [GRID=1]
+# LOSSES and OPTIMIZERS go to the study only when given (the sweep's defaults above are not the study's).
+LRS     ?= 0.0001,0.001,0.01,0.1,1
+SEEDS   ?= 5
+EPOCHS  ?= 10
+WORKERS ?= $(JOBS)
+study: setup
+	$(RUN) $(BIN)/python -m stages.study --lrs $(LRS) --seeds $(SEEDS) --epochs $(EPOCHS) --workers $(WORKERS) \
+		$(if $(filter command line environment,$(origin LOSSES)),--losses $(LOSSES)) \
+		$(if $(filter command line environment,$(origin OPTIMIZERS)),--optimizers $(OPTIMIZERS)) \
+		$(if $(SOURCE),--source $(SOURCE)) $(if $(STORAGE),--storage $(STORAGE)) \
+		$(if $(PUSH),--push $(PUSH)) $(if $(STUDY),--study-name $(STUDY)) $(if $(GRID),--grid)
 
 # Refuses to shrink docs/sweep.md's table (a fresh clone has no experiments) unless REPLACE=1.
 compare: setup

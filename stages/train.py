@@ -27,11 +27,13 @@ from dvclive.keras import DVCLiveCallback
 
 from stages.lib import atomic, datasets, engine, params, registry, runner, serving
 from stages.lib.errors import StageError
+from stages.lib.gradient_stats import GradientStats
 
 DATA = Path("data/normalized/dataset.npz")
 STATS = Path("data/normalized/stats.json")
 LIVE_DIR = Path("metrics/train")
 TIMINGS = Path("metrics/timings.json")  # git-ignored, not a DVC output
+PROBE_ROWS = 64  # the fixed batch train.log_gradients measures gradients on (benchmarks/gradient_stats.py)
 
 
 def configure(t: params.TrainParams) -> tf.distribute.Strategy:
@@ -135,8 +137,11 @@ def main() -> None:
 
     with atomic.target(LIVE_DIR) as live_dir, atomic.target(serving.MODEL_DIR) as model_dir:
         with Live(str(live_dir), save_dvc_exp=False, dvcyaml=None) as live:
+            # before dvclive's callback, so that it logs the keys GradientStats adds
+            probe = [GradientStats(loss, x[:PROBE_ROWS], y[:PROBE_ROWS])] if t.log_gradients else []
             start = time.perf_counter()
-            history = fit(callbacks=[DVCLiveCallback(live=live), *callbacks], verbose=1 if sys.stdout.isatty() else 2)
+            verbose = 1 if sys.stdout.isatty() else 2  # a progress bar at a terminal, a line an epoch in a log
+            history = fit(callbacks=[*probe, DVCLiveCallback(live=live), *callbacks], verbose=verbose)
             seconds = time.perf_counter() - start
             saved = saved_epoch(history, stopper)  # the summary describes the model that is saved
             live.summary["epochs_run"] = len(history["loss"])

@@ -1,0 +1,178 @@
+"""The study: a fair, repeatable answer to "which loss, which optimizer": `python -m stages.study`.
+
+For each (loss, optimizer) configuration, the learning rate is tuned on a log grid by the
+validation accuracy, the best rate is rerun with K seeds, and the report gives the test accuracy's
+mean with a 95% interval and the paired difference to the baseline (reports/study.md, study.json,
+plots). Default design: every optimizer with the baseline loss, then every loss with the best of
+them (`--grid`: every loss x every optimizer). Every run is a DVC experiment of the pipeline,
+named for what it is (`study-scce-adam-lr0.001-s42`): `dvc exp show`, `dvc exp apply`, `dvc exp
+push` work on it. Optuna's storage holds the plan and the results: a SQLite file in .dvc/tmp by
+default, or PostgreSQL for workers on several machines (same commit, same DVC remote, `--push`).
+Runs already in the storage are not rerun; a dead worker's run is retried. Not a DVC stage: it drives DVC.
+
+    python -m stages.study --workers 2
+    python -m stages.study --losses binary_crossentropy --optimizers adam,sgd --lrs 0.001,0.1 --seeds 2 --epochs 1
+    python -m stages.study --storage postgresql://user:pw@host/db --push origin    # on each machine
+    python -m stages.study --storage postgresql://user:pw@host/db --report-only    # any clone
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+from pathlib import Path
+
+from stages.lib import errors, registry, runner
+from stages.lib import study_protocol as sp
+
+
+def names(allowed: tuple[str, ...] | dict, what: str):
+    def parse(text: str) -> tuple[str, ...]:
+        items = tuple(x.strip() for x in text.split(",") if x.strip())
+        bad = [x for x in items if x not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} {', '.join(bad) or '(none)'} (known: {', '.join(allowed)})"
+            )
+        return items
+
+    return parse
+
+
+def rates(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"learning rates must be numbers, got {text!r}") from None
+    if not values or any(not v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"learning rates must be > 0, got {text!r}")
+    return tuple(sorted(set(values)))
+
+
+def diagnostics(text: str) -> tuple[tuple[str, str, float], ...]:
+    if text == "none":
+        return ()
+    out = []
+    for item in text.split(","):
+        try:
+            loss, opt, lr = item.split(":")
+            out.append((loss, opt, float(lr)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"--diagnostics takes loss:optimizer:lr,... or none, got {item!r}"
+            ) from None
+        if loss not in registry.LOSSES or opt not in registry.OPTIMIZERS:
+            raise argparse.ArgumentTypeError(f"--diagnostics: unknown loss or optimizer in {item!r}")
+    return tuple(out)
+
+
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m stages.study", description=__doc__.splitlines()[0])
+    default_diag = ",".join(f"{a}:{b}:{sp.lr_text(c)}" for a, b, c in sp.DEFAULT_DIAGNOSTICS)
+    p.add_argument("--optimizers", type=names(registry.OPTIMIZERS, "optimizer"), default=sp.DEFAULT_OPTIMIZERS)
+    p.add_argument("--losses", type=names(registry.LOSSES, "loss"), default=tuple(registry.LOSSES))
+    p.add_argument("--lrs", type=rates, default=sp.DEFAULT_LRS, help="learning-rate grid (default 1e-4 ... 1)")
+    p.add_argument("--seeds", type=positive, default=sp.DEFAULT_SEEDS, help="seeds per configuration (default 5)")
+    p.add_argument("--first-seed", type=int, default=sp.FIRST_SEED, help="seeds are FIRST, FIRST+1, ... (42)")
+    p.add_argument("--epochs", type=positive, default=10)
+    p.add_argument("--source", default=None, help="data.source (default: params.yaml's), e.g. mnist")
+    p.add_argument("--grid", action="store_true", help="every loss x every optimizer, not two stages")
+    p.add_argument("--baseline", default=",".join(sp.BASELINE), help="LOSS,OPTIMIZER (default %(default)s)")
+    p.add_argument("--diagnostics", type=diagnostics, default=sp.DEFAULT_DIAGNOSTICS, help=f"or none ({default_diag})")
+    p.add_argument("--workers", type=positive, default=1, help="workers in this process (one core each)")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: a SQLite file in .dvc/tmp)")
+    p.add_argument("--study-name", default="study", help="also the experiments' name prefix (default study)")
+    p.add_argument("--push", metavar="GIT_REMOTE", help="dvc exp push each finished experiment there")
+    p.add_argument("--report-only", action="store_true", help="write the report from the storage; run nothing")
+    p.add_argument("--reports", type=Path, default=Path("reports"), help="report folder (default reports)")
+    p.add_argument("--heartbeat", type=positive, default=10, help=argparse.SUPPRESS)
+    p.add_argument("--grace", type=positive, default=40, help=argparse.SUPPRESS)
+    p.add_argument("--poll", type=float, default=2.0, help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
+def design_from(args: argparse.Namespace, code: str) -> sp.Design:
+    baseline = tuple(args.baseline.split(","))
+    if len(baseline) != 2 or baseline[0] not in registry.LOSSES or baseline[1] not in registry.OPTIMIZERS:
+        raise errors.StageError(f"--baseline takes LOSS,OPTIMIZER from the registry, got {args.baseline!r}")
+    if not all(c.isalnum() or c in "-_" for c in args.study_name):
+        raise errors.StageError(
+            f"--study-name: letters, digits, - and _ only (it names experiments), got {args.study_name!r}"
+        )
+    return sp.Design(
+        optimizers=args.optimizers,
+        losses=args.losses,
+        lrs=args.lrs,
+        seeds=tuple(range(args.first_seed, args.first_seed + args.seeds)),
+        epochs=args.epochs,
+        source=args.source,
+        grid=args.grid,
+        baseline=baseline,
+        diagnostics=args.diagnostics,
+        code=code,
+    )
+
+
+def main() -> None:
+    args = parse_args()
+    import optuna
+
+    from stages.lib import study_report
+    from stages.lib import study_worker as sw
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = args.storage or sw.DEFAULT_STORAGE
+    storage = sw.open_storage(url, args.heartbeat, args.grace)
+    if args.report_only:
+        try:
+            study = optuna.load_study(study_name=args.study_name, storage=storage)
+        except KeyError:
+            raise errors.StageError(f"no study {args.study_name!r} in {sw.redact(url)}") from None
+        design = sp.Design.from_dict(study.user_attrs["design"])
+    else:
+        design = design_from(args, sw.code_id())
+        lock = sw.StorageLock(url)
+        study = sw.join_study(storage, args.study_name, design, lock)
+        started = time.time()
+        workers = [
+            sw.Worker(study, design, lock, prefix=args.study_name, label=f"w{i + 1}", push=args.push,
+                      poll_s=args.poll, started=started - 1)
+            for i in range(args.workers)
+        ]  # fmt: skip
+        failures: list[BaseException] = []
+
+        def work(worker: sw.Worker) -> None:
+            try:
+                worker.run()
+            except BaseException as exc:  # re-raised below, on the main thread
+                failures.append(exc)
+
+        threads = [threading.Thread(target=work, args=(w,), name=w.label) for w in workers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if failures:
+            raise failures[0]
+        print(f"ran {sum(w.ran for w in workers)} experiments in {time.time() - started:.0f} s", flush=True)
+    states = sw.collect(study.get_trials(deepcopy=False))
+    report = study_report.write(design, states, args.study_name, args.reports)
+    runs = report["runs"]
+    print(f"study {args.study_name!r}: {runs['done']} of {runs['planned']} runs done -> {args.reports}/study.md")
+    if report["failed"]:
+        first = report["failed"][0]
+        raise errors.StageError(
+            f"{len(report['failed'])} of {runs['planned']} runs failed (run the study again to retry them); "
+            f"first: {first['slot']}: {first['message']}"
+        )
+
+
+if __name__ == "__main__":
+    runner.run(main, writes_outputs=False)
