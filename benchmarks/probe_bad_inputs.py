@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -69,6 +70,43 @@ def data_file(content: bytes, *, with_sum: bool) -> Callable[[Path], list[str]]:
         return exp(*changes)(repo)
 
     return prepare
+
+
+def fifo_url(repo: Path) -> list[str]:
+    """data.url -> a FIFO nobody writes to: opening it would wait forever."""
+    fifo = repo.parent / "waits-forever.csv.gz"
+    if not fifo.exists():
+        os.mkfifo(fifo)
+    return exp(f"data.url={fifo.as_uri()}", f"data.sha256={'0' * 64}")(repo)
+
+
+def gzip_bomb(repo: Path) -> list[str]:
+    """data.url -> a small gzip file that inflates to 200 MB of zeros, with its real checksum."""
+    path = repo.parent / "bomb.csv.gz"
+    with gzip.open(path, "wb") as out:
+        for _ in range(200):
+            out.write(bytes(2**20))
+    return exp(f"data.url={path.as_uri()}", f"data.sha256={hashlib.sha256(path.read_bytes()).hexdigest()}")(repo)
+
+
+ABSENT_WORKER = '{"cluster": {"worker": ["127.0.0.1:39871", "127.0.0.1:39872"]}, "task": {"type": "worker", "index": 0}}'
+
+
+def planted_model(repo: Path) -> list[str]:
+    """models/ replaced by a model holding a Lambda layer, with a card whose sha256 matches it."""
+    code = (
+        "import hashlib, json, keras; from pathlib import Path\n"
+        "m = keras.Sequential([keras.Input((28, 28), dtype='uint8'), keras.layers.Flatten(),"
+        " keras.layers.Lambda(lambda x: x[:, :10] * 0.0 + 0.1)])\n"
+        "out = Path('models'); [p.unlink() for p in out.glob('model.*')]; m.save(out / 'model.keras')\n"
+        "card = json.loads(Path('data/raw/.card.json').read_text())\n"
+        "card['model_sha256'] = hashlib.sha256((out / 'model.keras').read_bytes()).hexdigest()\n"
+        "(out / 'model.json').write_text(json.dumps(card))\n"
+    )
+    card = repo / "models/model.json"
+    (repo / "data/raw/.card.json").write_text(card.read_text())
+    run([PY, "-c", code], repo)
+    return ["dvc", "repro", "evaluate", "--force", "--single-item"]
 
 
 def damage(path: str, how: Callable[[bytes], bytes], command: list[str]) -> Callable[[Path], list[str]]:
@@ -281,6 +319,17 @@ CASES += [
         "+train.lr_schedule.initial_learning_rate=0.1")),
     Case("where it runs", "dvc repro as PID 1, a bad value", lambda r: [*NAMESPACE, *exp("train.seed=-1")(r)]),
     Case("where it runs", "a stage by hand as PID 1, a bad value", as_pid_1(lambda t: t.replace("ed: 42", "ed: -1"))),
+    Case("bounded", "data.url names a FIFO", fifo_url),
+    Case("bounded", "data.url: 200 KB of gzip that inflates to 200 MB", gzip_bomb),
+    Case("bounded", "model.hidden_units=[65536,65536] (4.3e9 weights)", exp("model.hidden_units=[65536,65536]")),
+    Case("bounded", "multi_worker, TF_CONFIG names a worker that never starts", lambda r: [
+        "env", f"TF_CONFIG={ABSENT_WORKER}", *exp("train.distribute=multi_worker", "train.cluster_timeout_s=20")(r)]),
+    Case("untrusted", "params nested 5000 deep", edit(lambda t: t.replace(
+        "loss_args: {}", "loss_args: {a: " + "[" * 5000 + "]" * 5000 + "}"))),
+    Case("untrusted", "a planted model.keras with a Lambda layer", planted_model, checks_loss=False),
+    Case("untrusted", "model.json from another model", damage(
+        "models/model.json", lambda b: b.replace(b'"model_sha256": "', b'"model_sha256": "0'), [
+            "dvc", "repro", "evaluate", "--force", "--single-item"]), checks_loss=False),
     Case("interrupted", "dvc exp run, SIGTERM mid-train", lambda r: ["timeout", "-s", "TERM", "12", *exp(*LONG)(r)]),
     Case("interrupted", "dvc repro as PID 1, SIGTERM mid-train", lambda r: [
         "timeout", "-s", "TERM", "12", *NAMESPACE, *exp(*LONG)(r)]),

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.lib import atomic, datasets, params, registry, runner
+from stages.lib import atomic, datasets, memory, params, registry, runner
 
 OUT = Path("data/params.ok")
 
@@ -28,6 +28,7 @@ def main() -> None:
         tmp.write_text("params.yaml is valid\n")
     p = params.load()
     datasets.check_expected_sizes(p)
+    memory.check(p)  # a model too large for this machine is refused here, not killed mid-training
     if registry.keras_arguments(p.train):
         registry.trial(p.train)
     print(f"params.yaml: valid -> {OUT}")

@@ -79,6 +79,7 @@ def main() -> None:
         display.ax_.set_title(f"{card['loss']}: test accuracy {accuracy:.4f}")
         display.figure_.savefig(plots_dir / "confusion_matrix.png", dpi=100, bbox_inches="tight")
         plt.close(display.figure_)
+        params.check_unchanged(p, "evaluate")  # before the outputs move into place
     atomic.write_json(METRICS, _plain(headline))
     print(f"Test accuracy: {accuracy:.4f}")
 

@@ -21,8 +21,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.backend_bases import FigureCanvasBase
 
 from stages.lib import images, runner, serving
+from stages.lib.errors import StageError
 
 
 def parse_args() -> argparse.Namespace:
@@ -35,8 +37,18 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def check_show(out: Path) -> None:
+    """Refuse a --show target matplotlib cannot write as a picture, before any work."""
+    if out.is_dir():
+        raise StageError(f"--show {out} is a folder; give a file in it, e.g. {out / 'predict.png'}")
+    if out.suffix.lower().lstrip(".") not in FigureCanvasBase.get_supported_filetypes():
+        raise StageError(f"--show {out}: give a picture file name ending in .png, .jpg, .pdf or .svg")
+
+
 def main() -> None:
     args = parse_args()
+    if args.show:
+        check_show(args.show)
     inputs, failures = [], []
     for path in args.images:
         try:
@@ -44,7 +56,8 @@ def main() -> None:
         except images.ImageError as exc:
             failures.append(str(exc))
             continue
-        inputs.append((path, gray if args.show else None, seen))  # the full-size image only to draw it
+        # only a thumbnail of the file as read, to draw it: memory stays flat in the number of files
+        inputs.append((path, images.thumbnail(gray) if args.show else None, seen))
     if inputs:
         model, card = serving.load(args.model)
         outputs = model.predict(np.stack([seen for _, _, seen in inputs]), verbose=0)
@@ -78,7 +91,7 @@ def show(inputs: list[tuple[Path, np.ndarray, np.ndarray]], outputs: np.ndarray,
     fig, axes = plt.subplots(len(inputs), 3, figsize=(9, 2.4 * len(inputs)), squeeze=False)
     for (path, gray, seen), values, (ax_in, ax_seen, ax_bar) in zip(inputs, outputs, axes, strict=True):
         ax_in.imshow(gray, cmap="gray", vmin=0, vmax=255)
-        ax_in.set_title(f"{path.name} ({gray.shape[1]}x{gray.shape[0]})", fontsize=9)
+        ax_in.set_title(path.name, fontsize=9)
         ax_seen.imshow(seen, cmap="gray", vmin=0, vmax=255)
         ax_seen.set_title("what the model saw (28x28)", fontsize=9)
         for ax in (ax_in, ax_seen):
@@ -90,9 +103,13 @@ def show(inputs: list[tuple[Path, np.ndarray, np.ndarray]], outputs: np.ndarray,
             ax_bar.set_ylim(0, 1)
         ax_bar.title.set_fontsize(9)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=90)
+    except OSError as exc:
+        raise StageError(f"--show {out}: cannot write it ({exc.strerror or exc}); give a path you can write") from None
+    finally:
+        plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -36,16 +38,37 @@ TIMINGS = Path("metrics/timings.json")  # git-ignored, not a DVC output
 PROBE_ROWS = 64  # the fixed batch train.log_gradients measures gradients on (benchmarks/gradient_stats.py)
 
 
-def configure(t: params.TrainParams) -> tf.distribute.Strategy:
-    """Threads, the distribution strategy, seeds, op determinism and the precision policy, in that order."""
+class ClusterDeadline(keras.callbacks.Callback):
+    """Ends a multi_worker run with one line when its first training step has not finished within
+    `seconds` (a worker that never started, a wrong address): TensorFlow would wait forever."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        workers = os.environ.get("TF_CONFIG", "")
+        line = (
+            f"train.distribute: multi_worker: the cluster did not take its first step within {seconds:g} s "
+            f"(train.cluster_timeout_s); is every worker of TF_CONFIG started and reachable? TF_CONFIG: {workers}"
+        )
+        self.timer = threading.Timer(seconds, runner.abort, [line])
+        self.timer.daemon = True
+        self.timer.start()
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.timer.cancel()  # a step across the cluster finished: every worker answered
+
+
+def configure(t: params.TrainParams) -> tuple[tf.distribute.Strategy, list[keras.callbacks.Callback]]:
+    """Threads, the distribution strategy, seeds, op determinism and the precision policy, in that order;
+    with the callbacks that watch the cluster (multi_worker only)."""
     engine.set_threads(t.speed.threads)
+    watch = [ClusterDeadline(t.cluster_timeout_s)] if t.distribute == "multi_worker" else []
     strategy = engine.strategy_for(t.distribute)  # first: multi_worker must start before other ops
     keras.utils.set_random_seed(t.seed)
     tf.config.experimental.enable_op_determinism()
     if t.mixed_precision:  # float16 where a GPU has fast float16; on a CPU bfloat16
         gpu = bool(tf.config.list_physical_devices("GPU"))
         keras.mixed_precision.set_global_policy("mixed_float16" if gpu else "mixed_bfloat16")
-    return strategy
+    return strategy, watch
 
 
 def build_model(m: params.ModelParams, wiring: registry.Head) -> keras.Sequential:
@@ -112,7 +135,7 @@ class StopOnDivergence(keras.callbacks.Callback):
 def main() -> None:
     p = params.load()
     t = p.train
-    strategy = configure(t)
+    strategy, watch = configure(t)
     wiring = registry.head(t.loss, p.model.output_activation, t.from_logits)
     with strategy.scope():
         model, optimizer = build_model(p.model, wiring), build_optimizer(t)
@@ -126,7 +149,7 @@ def main() -> None:
     datasets.check_sizes(len(data["y_train"]), len(data["y_test"]), t)
     x, y = data["x_train"], registry.encode_labels(data["y_train"], registry.LOSSES[t.loss])
     stopper = early_stopping(t.early_stopping)
-    callbacks = [StopOnDivergence(t.optimizer), *([stopper] if stopper else [])]
+    callbacks = [*watch, StopOnDivergence(t.optimizer), *([stopper] if stopper else [])]
     fit = functools.partial(
         loop.fit, x, y, epochs=t.epochs, batch_size=t.batch_size, validation_split=t.validation_split, seed=t.seed
     )
@@ -149,6 +172,7 @@ def main() -> None:
         stats = json.loads(STATS.read_text())
         shipped = serving.standalone(model, stats, t, wiring, optimizer)
         serving.save(shipped, model_dir, serving.card(t.loss, wiring, stats))
+        params.check_unchanged(p, "model", "train")  # before the outputs move into place
 
     # Timings differ from run to run: they stay out of the tracked outputs (same params, same bytes).
     epoch_s = [round(s, 4) for s in loop.epoch_seconds]

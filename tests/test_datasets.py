@@ -213,3 +213,16 @@ def test_a_file_larger_than_any_mnist_is_refused(server: FileServer, tmp_path: P
     with pytest.raises(DataError, match="more than any MNIST-sized file"):
         datasets.fetch(f"{server.url}/mnist.npz", tmp_path / "mnist.npz", "0" * 64)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_gzip_or_npz_that_inflates_past_any_mnist_is_refused(tmp_path: Path, monkeypatch) -> None:
+    """A few KB that inflate to far more (a gzip bomb) stop at the bound, before memory fills."""
+    monkeypatch.setattr(datasets, "MAX_INFLATED_BYTES", 10_000)
+    bomb = tmp_path / "train-images-idx3-ubyte.gz"
+    bomb.write_bytes(gzip.compress(bytes(1_000_000)))
+    assert bomb.stat().st_size < 5_000
+    with pytest.raises(DataError, match="inflates to more than 10000 bytes"):
+        datasets.read_idx(bomb)
+    (tmp_path / "mnist.npz").write_bytes(npz_bytes(keras_npz()))  # 60 + 20 images: about 63 KB inflated
+    with pytest.raises(DataError, match="inflates to .* more than any MNIST dataset"):
+        datasets.read_keras_npz({"mnist.npz": tmp_path / "mnist.npz"}, DataParams())

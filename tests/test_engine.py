@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -88,6 +89,29 @@ def test_two_workers_on_localhost_train_like_one_and_only_the_chief_writes(
     models = [keras.saving.load_model(f / "models/model.keras") for f in (chief, single)]
     probabilities = [model.predict(images, verbose=0) for model in models]
     np.testing.assert_allclose(probabilities[0], probabilities[1], atol=1e-3)
+
+
+def test_a_worker_that_never_starts_ends_the_run_at_the_deadline_and_a_signal_ends_it_sooner(
+    project: Path, small: dict
+) -> None:
+    """TF_CONFIG names two workers; only worker 0 runs. TensorFlow would wait for worker 1 forever,
+    in C, where Python's signal handlers do not run."""
+    chief = with_data(project, small)
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    env = {**QUIET, "TF_CONFIG": json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": 0}})}
+    write_params(chief, {"train": {"distribute": "multi_worker", "cluster_timeout_s": 20}})
+    proc = run([PYTHON, "-m", "stages.train"], chief, check=False, timeout=120)
+    line = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and line.startswith("error: train.distribute: multi_worker: the cluster did not"), line
+    assert "within 20 s (train.cluster_timeout_s)" in line and not (chief / "models").exists()
+
+    write_params(chief, {"train": {"distribute": "multi_worker", "cluster_timeout_s": 600}})
+    waiting = subprocess.Popen([PYTHON, "-m", "stages.train"], cwd=chief, env=env, stderr=subprocess.PIPE, text=True)
+    time.sleep(15)  # past TensorFlow's import: waiting for worker 1 (no sign of that to wait for)
+    waiting.send_signal(signal.SIGTERM)
+    _, stderr = waiting.communicate(timeout=30)  # not 600 s: the signal ends the wait
+    assert waiting.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1].startswith("terminated (SIGTERM, or dvc was stopped)")
 
 
 def test_multi_worker_without_tf_config_is_one_line_before_anything_is_written(project: Path, small: dict) -> None:

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from stages.lib import params
-from stages.lib.errors import ParamError
+from stages.lib.errors import ParamError, StageError
 from tests.harness import BIN, ROOT, run, write_params
 
 
@@ -171,3 +171,27 @@ def test_params_nested_too_deeply_to_read_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text(text)
     with pytest.raises(ParamError, match=r"\(file\): .* nests lists or mappings too deeply to read"):
         params.load(tmp_path / "params.yaml")
+
+
+def test_a_model_too_large_for_this_machine_is_refused_naming_both_sizes() -> None:
+    from stages.lib import memory
+
+    default = params.Params()
+    assert memory.estimate(default) < 10 * 2**20  # the tutorial's model: a few MB
+    huge = params.parse({"model": {"hidden_units": [65536, 65536]}})
+    assert memory.estimate(huge) > 80e9  # 4.3e9 weights, gradients, Adam's two moments, the saved copy
+    memory.check(default)
+    with pytest.raises(ParamError, match=r"model.hidden_units: \[65536, 65536\] with adam needs at least 87.0 GB"):
+        memory.check(huge)
+
+
+def test_params_edited_while_a_stage_ran_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text())
+    p = params.load(path)
+    path.write_text(path.read_text().replace("\n  epochs: 10\n", "\n  epochs: 10  # a comment\n"))  # no new value
+    params.check_unchanged(p, "model", "train", path=path)
+    path.write_text(path.read_text().replace("\n  epochs: 10  # a comment\n", "\n  epochs: 1\n"))
+    with pytest.raises(StageError, match=r"params.yaml changed while this stage ran \(train.epochs\)"):
+        params.check_unchanged(p, "model", "train", path=path)
+    params.check_unchanged(p, "evaluate", path=path)  # another stage's section: not this stage's record

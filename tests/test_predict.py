@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import sys
 import textwrap
@@ -149,13 +150,28 @@ def test_bad_inputs_are_one_line_each_and_exit_2(trained: Path, tmp_path: Path) 
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "notes.png").write_text("not a picture")
     Image.new("L", (300, 200), 240).save(tmp_path / "blank.png")
-    bad = ["empty.png", "notes.png", "blank.png", "missing.png"]
+    os.mkfifo(tmp_path / "pipe.png")  # opening it would wait for a writer forever
+    (tmp_path / "zero.png").symlink_to("/dev/zero")  # endless
+    bad = ["empty.png", "notes.png", "blank.png", "missing.png", "pipe.png", "zero.png"]
     proc = run([PYTHON, "-m", "stages.predict", str(good), *(str(tmp_path / b) for b in bad)], trained, check=False)
     assert proc.returncode == 2
     assert proc.stdout.startswith(f"{good}: ")  # the good file is still read
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert [line.split(":")[1].strip() for line in lines] == [str(tmp_path / b) for b in bad]
+    assert lines[0].endswith("an empty file; give PNG, JPEG, BMP, GIF, TIFF or WebP files")
+    assert "not a regular file (a FIFO or a device)" in lines[4] and "not a regular file" in lines[5]
     assert "Traceback" not in proc.stderr
+
+    (tmp_path / "file.txt").write_text("")
+    for show, said in [
+        (tmp_path / "out.txt", "give a picture file name ending in .png"),
+        (tmp_path, "is a folder; give a file in it"),
+        (tmp_path / "file.txt" / "seen.png", "cannot write it"),  # its folder is a file
+    ]:
+        proc = run([PYTHON, "-m", "stages.predict", str(good), "--show", str(show)], trained, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --show {show}") and said in proc.stderr
+        assert "previous outputs" not in proc.stderr  # predict writes no pipeline output
 
     missing_model = run([PYTHON, "-m", "stages.predict", str(good), "--model", str(tmp_path)], trained, check=False)
     assert missing_model.returncode == 2

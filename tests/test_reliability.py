@@ -381,3 +381,11 @@ def test_an_os_error_not_about_a_users_path_is_an_internal_error_with_a_tracebac
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert shown.returncode == 1 and "Traceback (most recent call last)" in shown.stderr and "in main" in shown.stderr
+
+
+def test_a_full_disk_names_the_output_it_was_writing(tmp_path: Path) -> None:
+    import errno
+
+    with pytest.raises(OSError) as info, atomic.target(tmp_path / "out.npz"):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as a write to a full disk raises it
+    assert info.value.filename == str(tmp_path / "out.npz") and list(tmp_path.iterdir()) == []

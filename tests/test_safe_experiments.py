@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
 from tests.harness import BIN, ENV, digests, dvc_project, restore, run, wait_for, write_params
 
@@ -182,4 +183,28 @@ def test_stopping_dvc_during_train_leaves_no_process_and_one_printed_command_res
     assert digests(repo) == uninterrupted
     leftovers = [p.name for d in (repo, repo / "models", repo / "metrics") for p in d.iterdir() if ".tmp" in p.name]
     assert leftovers == []
+    restore(repo)
+
+
+def test_params_edited_while_train_runs_do_not_become_its_record(repo: Path) -> None:
+    """params.yaml saved mid-training (epochs 6 -> 2): dvc.lock must not record epochs 2 for a model
+    trained 6 epochs. train stops with one line naming the key; dvc.lock keeps the last true record."""
+    before = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["train"]
+    write_params(repo, {"train": LONG})
+    dvc = subprocess.Popen(
+        ["dvc", "repro"], cwd=repo, env={**ENV, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert dvc.stdout is not None
+    seen = []
+    for line in dvc.stdout:
+        seen.append(line)
+        if line.startswith("Epoch 1/"):
+            break
+    write_params(repo, {"train": {**LONG, "epochs": 2}})  # the user saves an edit meanwhile
+    output = "".join(seen) + dvc.communicate(timeout=300)[0]
+    assert dvc.returncode != 0, output
+    assert "params.yaml changed while this stage ran (train.epochs)" in output and "Traceback" not in output
+    assert yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["train"] == before
+    assert "Data and pipelines are up to date." not in run(["dvc", "status"], repo).stdout
     restore(repo)

@@ -88,7 +88,12 @@ def target(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = final.with_name(f".{final.name}.{os.getpid()}-{secrets.token_hex(8)}.tmp")
     _ACTIVE[tmp] = final
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as exc:  # a full disk, a quota: name the output it was writing
+            if exc.filename is None:
+                exc.filename = str(final)
+            raise
         _sync(tmp)
         if tmp.is_dir() and final.exists():
             aside = _aside(final)

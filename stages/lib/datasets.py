@@ -11,6 +11,7 @@ import functools
 import gzip
 import hashlib
 import importlib.util
+import io
 import math
 import stat
 import sys
@@ -62,8 +63,8 @@ def read_sample_csv(paths: dict[str, Path], p: DataParams) -> Dataset:
     from sklearn.model_selection import train_test_split
 
     try:
-        with gzip.open(paths["mnist_5k.csv.gz"], "rt") as f:
-            table = np.loadtxt(f, delimiter=",", dtype=np.int64, ndmin=2)
+        text = gunzip(paths["mnist_5k.csv.gz"]).decode()
+        table = np.loadtxt(io.StringIO(text), delimiter=",", dtype=np.int64, ndmin=2)
     except (OSError, EOFError, zlib.error, UnicodeDecodeError, ValueError) as exc:
         raise DataError(f"mnist_5k.csv.gz: not a gzipped CSV of MNIST rows ({exc})") from None
     if table.ndim != 2 or table.shape[1] != 28 * 28 + 1 or table.min() < 0 or table[:, :-1].max() > 255:
@@ -75,10 +76,27 @@ def read_sample_csv(paths: dict[str, Path], p: DataParams) -> Dataset:
     return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
 
 
+MAX_INFLATED_BYTES = 64 * 2**20  # 60,000 MNIST images are 47 MB once inflated; the sample's CSV 16 MB
+
+
+def gunzip(path: Path) -> bytes:
+    """The inflated content of a gzip file, read at most to MAX_INFLATED_BYTES: a small file that
+    inflates to gigabytes (a gzip bomb) is refused with a DataError instead of filling the memory."""
+    with gzip.open(path) as f:
+        data = f.read(MAX_INFLATED_BYTES + 1)
+    if len(data) > MAX_INFLATED_BYTES:
+        raise DataError(f"{path.name} inflates to more than {MAX_INFLATED_BYTES} bytes, more than any MNIST dataset")
+    return data
+
+
 def read_keras_npz(paths: dict[str, Path], p: DataParams) -> Dataset:
     """A Keras-layout npz (mnist.npz): the four arrays under their usual names."""
     (path,) = paths.values()
     try:
+        with zipfile.ZipFile(path) as archive:  # what its arrays inflate to, before any is read
+            inflated = sum(entry.file_size for entry in archive.infolist())
+        if inflated > MAX_INFLATED_BYTES:
+            raise DataError(f"{path.name} inflates to {inflated} bytes, more than any MNIST dataset")
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in KEYS if k not in npz.files]
             if missing:
@@ -91,7 +109,7 @@ def read_keras_npz(paths: dict[str, Path], p: DataParams) -> Dataset:
 def read_idx(path: Path) -> np.ndarray:
     """One gzipped IDX file (the MNIST distribution format): uint8 images or labels."""
     try:
-        raw = gzip.decompress(path.read_bytes())
+        raw = gunzip(path)
     except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"{path.name}: not a readable gzip file ({exc})") from exc
     ndim = raw[3] if len(raw) >= 4 else 0

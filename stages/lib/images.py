@@ -14,6 +14,7 @@ an animation. What people can hand over is described in docs/images.md.
 from __future__ import annotations
 
 import contextlib
+import stat
 import warnings
 from pathlib import Path
 
@@ -44,6 +45,8 @@ def read_gray(path: str | Path) -> np.ndarray:
     an image, corrupt, larger than MAX_PIXELS, or holds NaN or infinite values.
     """
     path = Path(path)
+    if path.exists() and not path.is_dir() and not stat.S_ISREG(path.stat().st_mode):
+        raise ImageError(f"{path}: not a regular file (a FIFO or a device); give image files")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -147,6 +150,13 @@ def to_mnist(gray: np.ndarray, name: str = "image") -> np.ndarray:
     left = int(np.clip(round(SIDE / 2 - cx), 0, SIDE - resized.shape[1]))
     frame[top : top + resized.shape[0], left : left + resized.shape[1]] = resized
     return np.rint(frame * 255).astype(np.uint8)
+
+
+def thumbnail(gray: np.ndarray, size: int = 256) -> np.ndarray:
+    """`gray` (float32 (height, width), 0-255) shrunk to fit `size` x `size`, as uint8: what a picture needs."""
+    img = Image.fromarray(np.clip(gray, 0, 255).astype(np.uint8))
+    img.thumbnail((size, size))
+    return np.asarray(img)
 
 
 def load(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

@@ -29,7 +29,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from stages.lib import registry
-from stages.lib.errors import ParamError
+from stages.lib.errors import ParamError, StageError
 
 PARAMS_FILE = Path("params.yaml")
 SEED_LIMIT = 2**32  # numpy's and TensorFlow's seeds are unsigned 32-bit
@@ -162,6 +162,7 @@ class TrainParams(Section):
     seed: Seed = 42
     speed: SpeedParams = Field(default_factory=SpeedParams)
     distribute: Literal["none", "mirrored", "multi_worker"] = "none"
+    cluster_timeout_s: Annotated[float, Field(gt=0)] = 600  # multi_worker: the cluster's first step, at the latest
     mixed_precision: bool = False  # float16 (GPU) / bfloat16 (CPU) compute, float32 weights
     log_gradients: bool = False  # per epoch, each Dense kernel's gradient norm and update ratio (dvclive)
 
@@ -284,6 +285,33 @@ def _field_owner(loc: tuple) -> type[BaseModel]:
     for part in loc[:-1]:
         owner = typing.get_args(owner.model_fields[part].annotation) or owner.model_fields[part].annotation
     return owner
+
+
+def check_unchanged(p: Params, *sections: str, path: str | Path = PARAMS_FILE) -> None:
+    """Raise StageError if params.yaml's `sections` no longer hold what this run read from it.
+
+    DVC records params.yaml as it finds it when a stage ends: an edit made while the stage ran
+    would be recorded for outputs made with the old values. Call it before the outputs are moved
+    into place.
+    """
+    try:
+        now = load(path).model_dump()
+    except ParamError:
+        now = {}
+    before = p.model_dump()
+    changed = [name for name in sections if now.get(name) != before[name]]
+    if changed:
+        keys = [key for name in changed for key in _differing(before[name], now.get(name), name)][:3]
+        raise StageError(
+            f"params.yaml changed while this stage ran ({', '.join(keys)}); nothing was saved, since dvc.lock "
+            "would record those values for outputs made with the old ones. Run it again"
+        )
+
+
+def _differing(a: Any, b: Any, key: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [k for name in a.keys() | b.keys() for k in _differing(a.get(name), b.get(name), f"{key}.{name}")]
+    return [key] if a != b else []
 
 
 def _check_combinations(p: Params) -> None:

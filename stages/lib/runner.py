@@ -56,6 +56,8 @@ def run(main: Callable[[], None], *, writes_outputs: bool = True) -> None:
     one stage cannot overwrite each other's outputs. Commands that write no DVC output (predict,
     report) pass False and take no lock.
     """
+    global _kept  # noqa: PLW0603 - what a failure line promises, set once per process
+    _kept = KEPT if writes_outputs else ""
     try:
         guard()
         if writes_outputs:
@@ -65,19 +67,25 @@ def run(main: Callable[[], None], *, writes_outputs: bool = True) -> None:
     except ParamError as exc:  # refused by check, before DVC deleted any other stage's outputs
         _fail(f"error: {exc}", 2)
     except StageError as exc:
-        _fail(f"error: {exc}; {KEPT}" if UNDER_DVC else f"error: {exc}", 2)
+        _fail(f"error: {exc}; {_kept}" if UNDER_DVC and _kept else f"error: {exc}", 2)
     except OSError as exc:
         if exc.filename is None and exc.errno not in RESOURCE_ERRNOS:
             _internal(exc)
         where = f"{exc.filename}: " if exc.filename else ""
-        _fail(f"error: cannot read or write {where}{exc.strerror or exc}; {KEPT}", 2)
+        _fail(_with_kept(f"error: cannot read or write {where}{exc.strerror or exc}"), 2)
     except MemoryError:
-        _fail(f"error: out of memory (try a smaller train.batch_size or model); {KEPT}", 2)
+        _fail(_with_kept("error: out of memory (a smaller model, batch or dataset needs less)"), 2)
     except Exception as exc:  # a bug, not a user error: still one line
         _internal(exc)
 
 
 _guarded = False
+_kept = KEPT
+_stopping = threading.Lock()  # one signal line, whichever thread sees the signal first
+
+
+def _with_kept(line: str) -> str:
+    return f"{line}; {_kept}" if _kept else line
 
 
 def guard() -> None:
@@ -92,6 +100,13 @@ def guard() -> None:
     _guarded = True
     for signum in SIGNALS:
         signal.signal(signum, _on_signal)
+    # Python runs a handler only between bytecodes: a main thread blocked in C (a cluster's first
+    # contact, a read) would never see it. The wakeup fd gets the signal's number at once, and a
+    # thread handles it from there too.
+    reader, writer = os.pipe()
+    os.set_blocking(writer, False)
+    signal.set_wakeup_fd(writer, warn_on_full_buffer=False)
+    threading.Thread(target=_relay, args=(reader,), daemon=True, name="signals").start()
     if hasattr(signal, "SIGXFSZ"):  # a file-size limit (ulimit -f): an OSError to report, not a silent kill
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     if UNDER_DVC:
@@ -107,9 +122,28 @@ def _internal(exc: BaseException) -> None:
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     """Stop here, without unwinding through TensorFlow (its threads may be mid-step): drop the
     writes under way, say so, and exit at once."""
+    if not _stopping.acquire(blocking=False):  # the other thread is already stopping the process
+        return
     atomic.abandon_all()
     what, status = SIGNALS[signal.Signals(signum)]
-    _fail(f"{what}: {KEPT}", status, now=True)
+    _fail(f"{what}: {_kept}" if _kept else what, status, now=True)
+
+
+def abort(line: str, status: int = 2) -> None:
+    """Stop the process now, from any thread, with one `error:` line: for a wait the main thread
+    cannot leave (a cluster that never answers). The writes under way are dropped."""
+    if not _stopping.acquire(blocking=False):
+        return
+    atomic.abandon_all()
+    _fail(_with_kept(f"error: {line}"), status, now=True)
+
+
+def _relay(reader: int) -> None:
+    """Handle SIGINT / SIGTERM from the wakeup fd: wherever the main thread is blocked."""
+    while True:
+        for signum in os.read(reader, 64):
+            if signum in SIGNALS:
+                _on_signal(signum, None)
 
 
 def _end_with_dvc() -> None:
@@ -152,7 +186,7 @@ def _find_dvc(levels: int = 4) -> int | None:
 
 def _stop_when_readable(handle: int) -> None:
     select.select([handle], [], [])
-    os.kill(os.getpid(), signal.SIGTERM)  # handled by `_on_signal` on the main thread
+    _on_signal(signal.SIGTERM, None)
 
 
 def _only_one(name: str) -> None:
