@@ -22,8 +22,10 @@ $(STAMP): requirements.lock
 $(PLOTS_PAGE): $(STAMP) stages/offline_plots.py
 	$(BIN)/python -m stages.offline_plots
 
+# dvc repro exits 0 even when an output could not be copied into a full cache: cache_check says so.
 repro: setup
 	$(RUN) $(BIN)/dvc repro
+	$(RUN) $(BIN)/python -m stages.cache_check
 
 test: setup
 	$(RUN) $(BIN)/python -m pytest -n 3 --dist loadfile

@@ -208,3 +208,24 @@ def test_params_edited_while_train_runs_do_not_become_its_record(repo: Path) -> 
     assert yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["train"] == before
     assert "Data and pipelines are up to date." not in run(["dvc", "status"], repo).stdout
     restore(repo)
+
+
+def test_an_output_that_did_not_reach_a_full_cache_is_said(repo: Path, tmp_path: Path) -> None:
+    """The cache on a full file system: DVC only warns ("failed to transfer"); `make repro`'s
+    cache_check names what dvc.lock records that the cache does not hold, exit 2."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs for the cache needs root, as CI has")
+    cache = tmp_path / "small-cache"
+    cache.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(cache)], check=False).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        run(["dvc", "cache", "dir", str(cache)], repo)
+        write_params(repo, {"train": {"epochs": 2}})
+        run(["dvc", "repro"], repo, check=False)  # the model (1.6 MB) cannot fit in 300 KB
+        check = run([str(BIN / "python"), "-m", "stages.cache_check"], repo, check=False)
+        line = check.stderr.strip().splitlines()[-1]
+        assert check.returncode == 2 and line.startswith("error: ") and "not in DVC's cache: " in line, check.stderr
+        assert "models" in line and "dvc commit -f" in line
+    finally:
+        subprocess.run(["umount", str(cache)], check=False)
