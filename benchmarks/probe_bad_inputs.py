@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -89,7 +90,9 @@ def gzip_bomb(repo: Path) -> list[str]:
     return exp(f"data.url={path.as_uri()}", f"data.sha256={hashlib.sha256(path.read_bytes()).hexdigest()}")(repo)
 
 
-ABSENT_WORKER = '{"cluster": {"worker": ["127.0.0.1:39871", "127.0.0.1:39872"]}, "task": {"type": "worker", "index": 0}}'
+ABSENT_WORKER = json.dumps(
+    {"cluster": {"worker": ["127.0.0.1:39871", "127.0.0.1:39872"]}, "task": {"type": "worker", "index": 0}}
+)
 
 
 def planted_model(repo: Path) -> list[str]:
