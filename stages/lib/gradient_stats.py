@@ -32,35 +32,37 @@ class GradientStats(keras.callbacks.Callback):
         self.loss = loss
         self.x = tf.constant(x_batch)
         self.y = tf.constant(y_batch)
-        self._begin: dict[str, np.ndarray] = {}
-
-    def _kernels(self) -> list[tuple[str, keras.Variable]]:
-        return [(layer.name, layer.kernel) for layer in self.model.layers if isinstance(layer, keras.layers.Dense)]
 
     def on_train_begin(self, logs: dict | None = None) -> None:
-        kernels = [kernel for _, kernel in self._kernels()]
+        dense = [layer for layer in self.model.layers if isinstance(layer, keras.layers.Dense)]
+        self.names = [layer.name for layer in dense]
+        kernels = [layer.kernel for layer in dense]
+        begins = [tf.Variable(tf.zeros(k.shape, k.dtype), trainable=False) for k in kernels]  # W_begin, on device
 
-        @tf.function(jit_compile=True)  # traced once per fit: eager Keras calls cost more than a small epoch
-        def norms() -> list[tf.Tensor]:
+        @tf.function
+        def snapshot() -> None:
+            for begin, kernel in zip(begins, kernels, strict=True):
+                begin.assign(kernel)
+
+        @tf.function  # one call an epoch: the gradient on the probe batch and every ratio, in one graph
+        def stats() -> tuple[tf.Tensor, tf.Tensor]:
             with tf.GradientTape() as tape:
                 value = tf.reduce_mean(self.loss(self.y, self.model(self.x, training=False)))  # a mean, even unreduced
-            return [tf.norm(g) for g in tape.gradient(value, kernels)]
+            norms = [tf.norm(g) for g in tape.gradient(value, kernels)]
+            ratios = [tf.math.divide_no_nan(tf.norm(k - b), tf.norm(b)) for k, b in zip(kernels, begins, strict=True)]
+            return tf.stack(norms), tf.stack(ratios)
 
-        self._norms = norms
+        self._snapshot, self._stats = snapshot, stats
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self._begin = {name: kernel.numpy() for name, kernel in self._kernels()}
+        if not hasattr(self, "_stats"):  # driven without on_train_begin
+            self.on_train_begin()
+        self._snapshot()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if logs is None:
+        if logs is None or not hasattr(self, "_stats"):
             return
-        if not hasattr(self, "_norms"):  # driven without on_train_begin
-            self.on_train_begin()
-        kernels = self._kernels()
-        for (name, kernel), norm in zip(kernels, self._norms(), strict=True):
+        norms, ratios = (t.numpy() for t in self._stats())
+        for name, norm, ratio in zip(self.names, norms, ratios, strict=True):
             logs[f"grad_norm/{name}"] = float(norm)
-            begin = self._begin.get(name)
-            if begin is not None:
-                size = float(np.linalg.norm(begin))
-                moved = float(np.linalg.norm(kernel.numpy() - begin))
-                logs[f"update_ratio/{name}"] = moved / size if size > 0 else 0.0
+            logs[f"update_ratio/{name}"] = float(ratio)
