@@ -81,7 +81,7 @@ lock:
 clean-venv:
 	rm -rf $(VENV)
 
-# Every benchmark (about 25 minutes on 2 cores), offline; each prints its own medians and ratios.
+# Every benchmark (about 30 minutes on 2 cores), offline; each prints its own medians and ratios.
 bench: setup
 	$(BIN)/python benchmarks/training.py
 	$(RUN) $(BIN)/python benchmarks/sweep.py --jobs $(JOBS)
@@ -89,6 +89,8 @@ bench: setup
 	$(BIN)/python benchmarks/startup.py
 	$(BIN)/python benchmarks/t10k_accuracy.py
 	$(BIN)/python benchmarks/rendered_digits.py
+	$(BIN)/python benchmarks/gradient_stats.py
+	$(RUN) $(BIN)/python benchmarks/study_cost.py
 
 # ~100 bad inputs and faults through dvc exp run / dvc repro, counted (about 5 minutes)
 probe: setup
