@@ -8,6 +8,7 @@ a checkout away and back loses them. DVC's own `dvc data status` lists such outp
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 
@@ -16,6 +17,7 @@ from stages.lib.errors import StageError
 
 
 def main() -> None:
+    argparse.ArgumentParser(prog="python -m stages.cache_check", description=__doc__.splitlines()[0]).parse_args()
     proc = subprocess.run(["dvc", "data", "status", "--json"], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise StageError(f"`dvc data status` failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]}")

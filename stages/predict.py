@@ -37,8 +37,12 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def check_show(out: Path) -> None:
-    """Refuse a --show target matplotlib cannot write as a picture, before any work."""
+def check_show(out: Path, inputs: list[Path]) -> None:
+    """Refuse a --show target that is an input, a folder, or not a picture file name, before any work."""
+    if any(out.resolve() == path.resolve() for path in inputs):
+        raise StageError(f"--show {out} is one of the input images; give another file name")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise StageError(f"--show {out}: {out.parent} is a file, not a folder")
     if out.is_dir():
         raise StageError(f"--show {out} is a folder; give a file in it, e.g. {out / 'predict.png'}")
     if out.suffix.lower().lstrip(".") not in FigureCanvasBase.get_supported_filetypes():
@@ -48,7 +52,7 @@ def check_show(out: Path) -> None:
 def main() -> None:
     args = parse_args()
     if args.show:
-        check_show(args.show)
+        check_show(args.show, args.images)
     inputs, failures = [], []
     for path in args.images:
         try:

@@ -19,11 +19,12 @@ Runs already in the storage are not rerun; a dead worker's run is retried. Not a
 from __future__ import annotations
 
 import argparse
+import math
 import threading
 import time
 from pathlib import Path
 
-from stages.lib import errors, registry, runner
+from stages.lib import datasets, errors, registry, runner
 from stages.lib import study_protocol as sp
 
 
@@ -45,8 +46,8 @@ def rates(text: str) -> tuple[float, ...]:
         values = tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"learning rates must be numbers, got {text!r}") from None
-    if not values or any(not v > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"learning rates must be > 0, got {text!r}")
+    if not values or any(not 0 < v < math.inf for v in values):
+        raise argparse.ArgumentTypeError(f"learning rates must be finite numbers > 0, got {text!r}")
     return tuple(sorted(set(values)))
 
 
@@ -82,7 +83,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seeds", type=positive, default=sp.DEFAULT_SEEDS, help="seeds per configuration (default 5)")
     p.add_argument("--first-seed", type=int, default=sp.FIRST_SEED, help="seeds are FIRST, FIRST+1, ... (42)")
     p.add_argument("--epochs", type=positive, default=10)
-    p.add_argument("--source", default=None, help="data.source (default: params.yaml's), e.g. mnist")
+    p.add_argument(
+        "--source", default=None, choices=datasets.SOURCES, help="data.source (default: params.yaml's), e.g. mnist"
+    )
     p.add_argument("--grid", action="store_true", help="every loss x every optimizer, not two stages")
     p.add_argument("--baseline", default=",".join(sp.BASELINE), help="LOSS,OPTIMIZER (default %(default)s)")
     p.add_argument("--diagnostics", type=diagnostics, default=sp.DEFAULT_DIAGNOSTICS, help=f"or none ({default_diag})")
@@ -163,6 +166,8 @@ def main() -> None:
             raise failures[0]
         print(f"ran {sum(w.ran for w in workers)} experiments in {time.time() - started:.0f} s", flush=True)
     states = sw.collect(study.get_trials(deepcopy=False))
+    if not any(state.done is not None for state in states.values()):  # nothing to report: keep what is there
+        raise errors.StageError(f"no run of study {args.study_name!r} finished; {args.reports}/ is left as it was")
     report = study_report.write(design, states, args.study_name, args.reports)
     runs = report["runs"]
     print(f"study {args.study_name!r}: {runs['done']} of {runs['planned']} runs done -> {args.reports}/study.md")

@@ -18,8 +18,8 @@ import json
 import math
 import os
 import sys
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
@@ -40,21 +40,23 @@ PROBE_ROWS = 64  # the fixed batch train.log_gradients measures gradients on (be
 
 class ClusterDeadline(keras.callbacks.Callback):
     """Ends a multi_worker run with one line when its first training step has not finished within
-    `seconds` (a worker that never started, a wrong address): TensorFlow would wait forever."""
+    `seconds` (a worker that never started, a wrong address). TensorFlow waits for the cluster in C
+    holding the GIL, where no thread of this process runs: a watchdog process keeps the deadline
+    and the signals until then."""
 
     def __init__(self, seconds: float) -> None:
         super().__init__()
-        workers = os.environ.get("TF_CONFIG", "")
         line = (
             f"train.distribute: multi_worker: the cluster did not take its first step within {seconds:g} s "
-            f"(train.cluster_timeout_s); is every worker of TF_CONFIG started and reachable? TF_CONFIG: {workers}"
+            f"(train.cluster_timeout_s); is every worker of TF_CONFIG started and reachable? "
+            f"TF_CONFIG: {os.environ.get('TF_CONFIG', '')}"
         )
-        self.timer = threading.Timer(seconds, runner.abort, [line])
-        self.timer.daemon = True
-        self.timer.start()
+        self.done: Callable[[], None] | None = runner.watchdog(seconds, line)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        self.timer.cancel()  # a step across the cluster finished: every worker answered
+        if self.done:  # a step across the cluster finished: every worker answered
+            self.done()
+            self.done = None
 
 
 def configure(t: params.TrainParams) -> tuple[tf.distribute.Strategy, list[keras.callbacks.Callback]]:

@@ -91,7 +91,7 @@ def test_two_workers_on_localhost_train_like_one_and_only_the_chief_writes(
     np.testing.assert_allclose(probabilities[0], probabilities[1], atol=1e-3)
 
 
-def test_a_worker_that_never_starts_ends_the_run_at_the_deadline_and_a_signal_ends_it_sooner(
+def test_a_worker_that_never_starts_ends_the_run_at_the_deadline_and_ctrl_c_ends_it_sooner(
     project: Path, small: dict
 ) -> None:
     """TF_CONFIG names two workers; only worker 0 runs. TensorFlow would wait for worker 1 forever,
@@ -100,18 +100,20 @@ def test_a_worker_that_never_starts_ends_the_run_at_the_deadline_and_a_signal_en
     workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
     env = {**QUIET, "TF_CONFIG": json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": 0}})}
     write_params(chief, {"train": {"distribute": "multi_worker", "cluster_timeout_s": 20}})
-    proc = run([PYTHON, "-m", "stages.train"], chief, check=False, timeout=120)
+    train = [PYTHON, "-m", "stages.train"]
+    proc = subprocess.run(train, cwd=chief, env=env, capture_output=True, text=True, timeout=120, check=False)
     line = proc.stderr.strip().splitlines()[-1]
-    assert proc.returncode == 2 and line.startswith("error: train.distribute: multi_worker: the cluster did not"), line
+    assert proc.returncode == -signal.SIGKILL, proc.stderr  # the watchdog ends it: TensorFlow holds the GIL
+    assert line.startswith("error: train.distribute: multi_worker: the cluster did not"), line
     assert "within 20 s (train.cluster_timeout_s)" in line and not (chief / "models").exists()
 
     write_params(chief, {"train": {"distribute": "multi_worker", "cluster_timeout_s": 600}})
     waiting = subprocess.Popen([PYTHON, "-m", "stages.train"], cwd=chief, env=env, stderr=subprocess.PIPE, text=True)
     time.sleep(15)  # past TensorFlow's import: waiting for worker 1 (no sign of that to wait for)
-    waiting.send_signal(signal.SIGTERM)
+    waiting.send_signal(signal.SIGINT)  # Ctrl-C (SIGTERM is TensorFlow's there: its preemption notifier)
     _, stderr = waiting.communicate(timeout=30)  # not 600 s: the signal ends the wait
-    assert waiting.returncode == 143, stderr
-    assert stderr.strip().splitlines()[-1].startswith("terminated (SIGTERM, or dvc was stopped)")
+    assert waiting.returncode in (130, -signal.SIGKILL), stderr  # itself, or its watchdog after the grace
+    assert stderr.strip().splitlines()[-1].startswith("interrupted (Ctrl-C)")
 
 
 def test_multi_worker_without_tf_config_is_one_line_before_anything_is_written(project: Path, small: dict) -> None:

@@ -119,7 +119,7 @@ class DataParams(Section):
     sha256: Annotated[Any, AfterValidator(_sha256)] = None  # a sum, or a mapping of file -> sum for several files
     test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2  # mnist_sample only: held-out share, stratified
     split_seed: Seed = 42
-    timeout_s: Annotated[float, Field(gt=0)] = 600  # the whole download, retries included, in seconds
+    timeout_s: Annotated[float, Field(gt=0, le=1e6)] = 600  # the whole download, retries included, in seconds
 
 
 class NormalizeParams(Section):
@@ -162,7 +162,7 @@ class TrainParams(Section):
     seed: Seed = 42
     speed: SpeedParams = Field(default_factory=SpeedParams)
     distribute: Literal["none", "mirrored", "multi_worker"] = "none"
-    cluster_timeout_s: Annotated[float, Field(gt=0)] = 600  # multi_worker: the cluster's first step, at the latest
+    cluster_timeout_s: Annotated[float, Field(gt=0, le=1e6)] = 600  # multi_worker: its first step, at the latest
     mixed_precision: bool = False  # float16 (GPU) / bfloat16 (CPU) compute, float32 weights
     log_gradients: bool = False  # per epoch, each Dense kernel's gradient norm and update ratio (dvclive)
 
@@ -266,7 +266,12 @@ def _first_error(exc: pydantic.ValidationError) -> ParamError:
         choices = [str(c) for c in typing.get_args(_field_owner(loc).model_fields[loc[-1]].annotation)]
         close = difflib.get_close_matches(str(value), choices, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        return ParamError(key, f"unknown {value!r}{hint}; choose one of: {', '.join(choices)}")
+        shown = (
+            {True: "true", False: "false", None: "null"}.get(value, repr(value))
+            if not isinstance(value, str)
+            else repr(value)
+        )
+        return ParamError(key, f"unknown {shown}{hint}; choose one of: {', '.join(choices)}")
     if kind in _BOUNDS:
         bound = next(iter(ctx.values()))
         bound = int(bound) if isinstance(bound, float) and bound.is_integer() else bound

@@ -25,6 +25,7 @@ import fcntl
 import os
 import select
 import signal
+import subprocess
 import sys
 import threading
 import traceback
@@ -129,13 +130,56 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     _fail(f"{what}: {_kept}" if _kept else what, status, now=True)
 
 
-def abort(line: str, status: int = 2) -> None:
-    """Stop the process now, from any thread, with one `error:` line: for a wait the main thread
-    cannot leave (a cluster that never answers). The writes under way are dropped."""
-    if not _stopping.acquire(blocking=False):
-        return
-    atomic.abandon_all()
-    _fail(_with_kept(f"error: {line}"), status, now=True)
+# The watchdog: a separate process, for a wait in C that holds the GIL (TensorFlow's multi-worker
+# start-up), where no thread of this process can run. It reads this process's signals (the wakeup
+# fd) and a "done" byte from a pipe; after the deadline, or a signal this process did not act on
+# within GRACE_S, it prints the line and ends this process with SIGKILL.
+_WATCHDOG = """
+import os, select, signal, sys, time
+parent, seconds, fd, grace = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+lines = {int(signal.SIGINT): sys.argv[6], int(signal.SIGTERM): sys.argv[7]}
+deadline, line = time.monotonic() + seconds, sys.argv[5]
+while True:
+    if not select.select([fd], [], [], max(deadline - time.monotonic(), 0))[0]:
+        break
+    data = os.read(fd, 64)
+    if not data or 255 in data:
+        sys.exit(0)
+    if data[0] in lines:
+        time.sleep(grace)
+        line = lines[data[0]]
+        break
+try:
+    os.kill(parent, 0)
+except ProcessLookupError:
+    sys.exit(0)
+print(line, file=sys.stderr, flush=True)
+os.kill(parent, signal.SIGKILL)
+"""
+GRACE_S = 2.0
+
+
+def watchdog(seconds: float, line: str) -> Callable[[], None]:
+    """Until the returned function is called (from the main thread), end this process after `seconds`
+    with `line` (an `error:` line), and on Ctrl-C or SIGTERM with the signal's line, even while the
+    main thread waits in C holding the GIL; then exit status is -9 (SIGKILL), after the line."""
+    reader, writer = os.pipe()
+    signals = [f"{what}: {_kept}" if _kept else what for what, _ in SIGNALS.values()]
+    subprocess.Popen(  # this interpreter, the code above
+        [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(seconds), str(reader), str(GRACE_S),
+         _with_kept(f"error: {line}"), *signals],
+        pass_fds=[reader], stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    os.close(reader)
+    os.set_blocking(writer, False)  # as set_wakeup_fd requires
+    relay = signal.set_wakeup_fd(writer, warn_on_full_buffer=False)  # signals go to the watchdog too
+
+    def done() -> None:
+        signal.set_wakeup_fd(relay, warn_on_full_buffer=False)
+        os.write(writer, b"\xff")
+        os.close(writer)
+
+    return done
 
 
 def _relay(reader: int) -> None:
