@@ -363,7 +363,10 @@ def main() -> None:
     args = parser.parse_args()
     base = args.keep or Path(tempfile.mkdtemp(prefix="probe-"))
     repo = base / "repo"
-    git_project(repo, {"train": {"epochs": 1}})  # quick to train
+    git_project(repo)  # params.yaml as written: the edit cases below change its text
+    params = repo / "params.yaml"
+    params.write_text(params.read_text().replace("\n  epochs: 10\n", "\n  epochs: 1\n"))  # quick to train
+    run(["git", "commit", "-qam", "1 epoch"], repo)
     run(["dvc", "repro"], repo)
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "repro"], repo)

@@ -166,11 +166,11 @@ def main() -> None:
             raise failures[0]
         print(f"ran {sum(w.ran for w in workers)} experiments in {time.time() - started:.0f} s", flush=True)
     states = sw.collect(study.get_trials(deepcopy=False))
-    if not any(state.done is not None for state in states.values()):  # nothing to report: keep what is there
-        raise errors.StageError(f"no run of study {args.study_name!r} finished; {args.reports}/ is left as it was")
-    report = study_report.write(design, states, args.study_name, args.reports)
+    report = study_report.summarize(design, states, args.study_name)
     runs = report["runs"]
-    print(f"study {args.study_name!r}: {runs['done']} of {runs['planned']} runs done -> {args.reports}/study.md")
+    if runs["done"]:  # a study where nothing finished leaves the reports that are there
+        report = study_report.write(design, states, args.study_name, args.reports)
+        print(f"study {args.study_name!r}: {runs['done']} of {runs['planned']} runs done -> {args.reports}/study.md")
     if report["failed"]:
         first = report["failed"][0]
         raise errors.StageError(

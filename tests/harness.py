@@ -76,7 +76,8 @@ def git_project(path: Path, overrides: dict | None = None) -> Path:
     for name in tracked_files():
         (path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, path / name)
-    write_params(path, overrides or {})
+    if overrides:  # else params.yaml stays as written, comments and flow style included
+        write_params(path, overrides)
     run(["git", "init", "-q", "-b", "main"], path)
     run(["git", "add", "-A"], path)
     run(["git", "commit", "-qm", "project"], path)

@@ -166,7 +166,7 @@ def test_bad_inputs_are_one_line_each_and_exit_2(trained: Path, tmp_path: Path) 
     for show, said in [
         (tmp_path / "out.txt", "give a picture file name ending in .png"),
         (tmp_path, "is a folder; give a file in it"),
-        (tmp_path / "file.txt" / "seen.png", "cannot write it"),  # its folder is a file
+        (tmp_path / "file.txt" / "seen.png", "file.txt is a file, not a folder"),
     ]:
         proc = run([PYTHON, "-m", "stages.predict", str(good), "--show", str(show)], trained, check=False)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr

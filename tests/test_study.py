@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 
 from stages.lib import study_protocol as sp
 from stages.lib import study_worker as sw
-from tests.harness import dvc_project, run
+from tests.harness import dvc_project, run, write_params
 
 PYTHON = sys.executable
 SMALL = [
@@ -163,13 +163,15 @@ def test_a_small_study_end_to_end_then_a_rerun_runs_nothing(tmp_path: Path) -> N
 def test_a_failed_run_is_named_with_where_to_see_why(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     dvc_project(repo)
+    write_params(repo, {"train": {"epochs": 1, "batch_size": 5000}})  # valid, and refused by check: 4,000 digits
+    run(["git", "commit", "-qam", "a batch larger than the training set"], repo)
     args = ["--optimizers", "adam", "--losses", "sparse_categorical_crossentropy", "--lrs", "0.001", "--seeds", "1",
-            "--epochs", "1", "--diagnostics", "none", "--source", "no_such_source", "--study-name", "bad"]  # fmt: skip
+            "--epochs", "1", "--diagnostics", "none", "--study-name", "bad"]  # fmt: skip
     proc = run([PYTHON, "-m", "stages.study", *args], repo, check=False)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
     log = ".dvc/tmp/study/logs/bad-scce-adam-lr0.001-s42.log"
     assert line.startswith("error: 1 of 1 runs failed") and f"cat {log}" in line, line
-    assert "data.source" in (repo / log).read_text()
+    assert "train.batch_size" in (repo / log).read_text()
     bad = run([PYTHON, "-m", "stages.study", "--losses", "nope"], repo, check=False)
     assert bad.returncode == 2 and "unknown loss nope" in bad.stderr

@@ -266,11 +266,7 @@ def _first_error(exc: pydantic.ValidationError) -> ParamError:
         choices = [str(c) for c in typing.get_args(_field_owner(loc).model_fields[loc[-1]].annotation)]
         close = difflib.get_close_matches(str(value), choices, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        shown = (
-            {True: "true", False: "false", None: "null"}.get(value, repr(value))
-            if not isinstance(value, str)
-            else repr(value)
-        )
+        shown = "null" if value is None else str(value).lower() if isinstance(value, bool) else repr(value)  # YAML's
         return ParamError(key, f"unknown {shown}{hint}; choose one of: {', '.join(choices)}")
     if kind in _BOUNDS:
         bound = next(iter(ctx.values()))
