@@ -92,7 +92,7 @@ bench: setup
 	$(BIN)/python benchmarks/gradient_stats.py
 	$(RUN) $(BIN)/python benchmarks/study_cost.py
 
-# ~100 bad inputs and faults through dvc exp run / dvc repro, counted (about 5 minutes)
+# 126 bad inputs and faults through dvc exp run / dvc repro, counted (about 20 minutes)
 probe: setup
 	$(RUN) $(BIN)/python benchmarks/probe_bad_inputs.py
 
