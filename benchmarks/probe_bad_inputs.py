@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root: stages/, tests/
-from tests.harness import BIN, digests, git_project, restore, run
+from tests.harness import BIN, digests, flip_a_byte, git_project, restore, run, stored_object
 
 
 @dataclass
@@ -121,6 +121,21 @@ def damage(path: str, how: Callable[[bytes], bytes], command: list[str]) -> Call
         return command
 
     return prepare
+
+
+def flipped_in_cache(repo: Path) -> list[str]:
+    """A byte of the cached model.keras flipped on disk: `dvc status` stays clean. The command checks,
+    then repairs (so the later cases find a sound cache), and exits with the check's status."""
+    flip_a_byte(stored_object(repo / ".dvc/cache/files/md5", repo / "models/model.keras"))
+    check = f"{PY} -m stages.cache_check --verify"
+    return ["sh", "-c", f"{check}; status=$?; {check} --repair > /dev/null; exit $status"]
+
+
+def deleted_from_remote(repo: Path) -> list[str]:
+    """model.keras deleted from the default remote after a push: `dvc status -c` says in sync."""
+    run(["dvc", "push"], repo)
+    stored_object(repo.parent / "keras-loss-lab-dvc-storage/files/md5", repo / "models/model.keras").unlink()
+    return [PY, "-m", "stages.cache_check", "--remote", "storage"]
 
 
 PY = str(BIN / "python")
@@ -333,6 +348,8 @@ CASES += [
     Case("untrusted", "model.json from another model", damage(
         "models/model.json", lambda b: b.replace(b'"model_sha256": "', b'"model_sha256": "0'), [
             "dvc", "repro", "evaluate", "--force", "--single-item"]), checks_loss=False),
+    Case("cache and remote", "a byte flipped in the cached model.keras", flipped_in_cache),
+    Case("cache and remote", "model.keras deleted from the remote", deleted_from_remote),
     Case("interrupted", "dvc exp run, SIGTERM mid-train", lambda r: ["timeout", "-s", "TERM", "12", *exp(*LONG)(r)]),
     Case("interrupted", "dvc repro as PID 1, SIGTERM mid-train", lambda r: [
         "timeout", "-s", "TERM", "12", *NAMESPACE, *exp(*LONG)(r)]),

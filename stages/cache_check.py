@@ -1,33 +1,94 @@
-"""Did every output reach DVC's cache? `python -m stages.cache_check` (`make repro` runs it after `dvc repro`).
+"""Does DVC's cache (and a remote) hold every output dvc.lock records, byte for byte? And repair it.
 
-When the file system holding DVC's cache is full, `dvc repro` prints "failed to transfer" and still
-exits 0: dvc.lock then records outputs the cache does not hold, `dvc push` has nothing to send, and
-a checkout away and back loses them. DVC's own `dvc data status` lists such outputs
-(`not_in_cache`); this command turns that list into one line and exit 2. Not a DVC stage.
+    python -m stages.cache_check                     # every object is in the cache (`make repro` runs this)
+    python -m stages.cache_check --verify            # ... and its bytes hash to its name
+    python -m stages.cache_check --remote storage    # ... and the remote holds it too (--verify: downloads it)
+    python -m stages.cache_check --verify --remote storage --repair   # puts good copies back
+    python -m stages.cache_check --rev exp-a --rev HEAD~1            # what these commits/experiments record
+
+What DVC does not check itself (`stages/lib/cache_integrity.py`): an output that `dvc repro` could
+not copy into a full cache (it only warns, and exits 0); a cache file whose bytes changed (DVC does
+not read its read-only cache files again); a file deleted from a remote that still has its
+directory's listing (`dvc status -c` says "in sync" and `dvc push` sends nothing). `--repair` copies
+a good object into the cache from the workspace (a file whose bytes match) or the remote, and onto
+the remote from the cache. Exit 2, with one line, when something is missing or corrupt after that.
+Not a DVC stage.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
+import contextlib
+from typing import TYPE_CHECKING
 
-from stages.lib import runner
+from stages.lib import cache_integrity, runner
 from stages.lib.errors import StageError
+
+if TYPE_CHECKING:
+    from dvc_data.hashfile.db import HashFileDB
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m stages.cache_check", description=__doc__.splitlines()[0])
+    parser.add_argument("--verify", action="store_true", help="read every object and check its hash")
+    parser.add_argument("--remote", metavar="NAME", help="check this DVC remote too (see: dvc remote list)")
+    parser.add_argument("--repair", action="store_true", help="put good copies back where one is missing or bad")
+    parser.add_argument("--rev", action="append", metavar="REV", help="a commit or experiment (default: the workspace)")
+    return parser.parse_args()
 
 
 def main() -> None:
-    argparse.ArgumentParser(prog="python -m stages.cache_check", description=__doc__.splitlines()[0]).parse_args()
-    proc = subprocess.run(["dvc", "data", "status", "--json"], capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise StageError(f"`dvc data status` failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]}")
-    missing = json.loads(proc.stdout or "{}").get("not_in_cache", [])
-    if missing:
-        raise StageError(
-            f"{len(missing)} output(s) are not in DVC's cache: {', '.join(missing)} (its disk is full, or a "
-            "transfer failed); make room, then `dvc commit -f` puts them there (and `dvc push` sends them)"
+    from dvc.repo import Repo  # a second's import: after --help
+
+    args = parse_args()
+    checked, problems, remotes = set(), [], {}
+    with Repo(".") as repo:
+        for rev in args.rev or [None]:
+            with repo.switch(rev) if rev else contextlib.nullcontext():
+                for entry in cache_integrity.entries(repo):
+                    if entry.oid in checked:
+                        continue
+                    checked.add(entry.oid)
+                    remote = None
+                    if args.remote:
+                        if entry.hash_name not in remotes:
+                            remotes[entry.hash_name] = repo.cloud.get_remote_odb(args.remote, hash_name=entry.hash_name)
+                        remote = remotes[entry.hash_name]
+                    problems += check(entry, remote, args)
+    where = f"DVC's cache and remote '{args.remote}'" if args.remote else "DVC's cache"
+    if problems:
+        advice = (
+            "no good copy is left in the workspace, the cache or the remote: `dvc repro --force` makes the outputs "
+            "again (the same params give the same bytes), or pull them from another clone's cache"
+            if args.repair
+            else "run this again with --repair: it copies good objects into the cache from the workspace or the "
+            "remote, and onto the remote from the cache (make room first if a disk is full)"
         )
-    print("every output is in DVC's cache")
+        print("\n".join(problems))
+        shown = ", ".join(problems[:4]) + (f" and {len(problems) - 4} more (listed above)" if len(problems) > 4 else "")
+        raise StageError(f"{len(problems)} object(s) are not right in {where}: {shown}; {advice}")
+    how = "read and hashed" if args.verify else "present"
+    print(f"all {len(checked)} objects that dvc.lock records are {how} in {where}")
+
+
+def check(entry: cache_integrity.Entry, remote: HashFileDB | None, args: argparse.Namespace) -> list[str]:
+    """What is wrong with one object, after `--repair` tried to mend it: ['<path> (missing from the cache)']."""
+    test = cache_integrity.intact if args.verify else cache_integrity.present
+    into_cache = [(None, "the workspace")] + ([(remote, f"remote '{args.remote}'")] if remote else [])
+    problems = []
+    for db, place, sources in (
+        (entry.cache, "the cache", into_cache),
+        (remote, f"remote '{args.remote}'", [(entry.cache, "the cache")]),
+    ):
+        if db is None or test(db, entry):
+            continue
+        state = "corrupt in" if db.exists(entry.oid) else "missing from"
+        fixed = cache_integrity.repair(entry, sources, db) if args.repair else None
+        if fixed:
+            print(f"repaired {entry.path} ({state} {place}) from {fixed}")
+        else:
+            problems.append(f"{entry.path} ({state} {place})")
+    return problems
 
 
 if __name__ == "__main__":

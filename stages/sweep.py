@@ -2,9 +2,10 @@
 
 Queues every combination of the `-S` values (DVC's own grid syntax, `dvc exp run --queue -S
 train.loss=a,b -S train.optimizer.name=x,y`), runs them with N queue workers (`dvc exp run
---run-all --jobs N`), then checks each queued experiment's state in `dvc exp show`. DVC's
-`--run-all` exits 0 even when experiments failed; this command names each failed one, with the
-command that shows its log, and exits 1. Params that ran before come from DVC's run-cache.
+--run-all --jobs N`), then checks each queued experiment's state in `dvc exp show`, and that
+DVC's cache holds every output it records. DVC's `--run-all` exits 0 even when experiments failed
+(and an output that did not fit into the cache is only a warning); this command names each failed
+one, with the command that shows its log, and exits 2. Params that ran before come from DVC's run-cache.
 Not a DVC stage: it drives DVC.
 
     python -m stages.sweep -S train.loss=binary_crossentropy,poisson -S train.optimizer.name=adam,sgd --jobs 2
@@ -19,7 +20,7 @@ import sys
 
 import dvc.api
 
-from stages.lib import errors, runner
+from stages.lib import cache_integrity, errors, runner
 
 
 def parse_args() -> argparse.Namespace:
@@ -50,7 +51,28 @@ def main() -> None:
         raise errors.StageError(
             f"{len(failed)} of {len(queued)} experiments did not finish: {names}. See why: dvc queue logs {failed[0]}"
         )
+    uncached = not_in_cache(queued)
+    if uncached:
+        raise errors.StageError(
+            f"{len(uncached)} of {len(queued)} experiments have outputs that are not in DVC's cache (its disk may be "
+            f"full): {'; '.join(f'{name}: {paths}' for name, paths in uncached.items())}. Make room, then "
+            f"`dvc exp remove {' '.join(uncached)}` and run the sweep again"
+        )
     print(f"all {len(queued)} experiments finished")
+
+
+def not_in_cache(names: list[str]) -> dict[str, str]:
+    """The experiments whose recorded outputs DVC's cache does not hold: {name: "path, path"}."""
+    from dvc.repo import Repo
+
+    found = {}
+    with Repo(".") as repo:
+        for name in names:
+            with repo.switch(name):
+                missing = cache_integrity.not_in_cache(repo)
+            if missing:
+                found[name] = ", ".join(missing)
+    return found
 
 
 if __name__ == "__main__":

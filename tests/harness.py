@@ -141,6 +141,23 @@ def digests(repo: Path, folders: tuple[str, ...] = OUTPUTS, *, lock: bool = Fals
     return out
 
 
+def stored_object(db: Path, file: Path) -> Path:
+    """The object under `db` (a DVC cache's or remote's `files/md5`) that holds a copy of `file`."""
+    md5 = hashlib.md5(file.read_bytes()).hexdigest()
+    return db / md5[:2] / md5[2:]
+
+
+def flip_a_byte(path: Path) -> None:
+    """Change one byte in the middle of `path`, keeping its size, mode and times, as a failing disk would."""
+    stat = path.stat()
+    os.chmod(path, 0o644)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    os.chmod(path, stat.st_mode)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
 def free_ports(n: int = 1) -> list[int]:
     """`n` TCP ports on 127.0.0.1 that nothing listened on a moment ago."""
     sockets = [socket.socket() for _ in range(n)]

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -210,9 +211,9 @@ def test_params_edited_while_train_runs_do_not_become_its_record(repo: Path) -> 
     restore(repo)
 
 
-def test_an_output_that_did_not_reach_a_full_cache_is_said(repo: Path, tmp_path: Path) -> None:
-    """The cache on a full file system: DVC only warns ("failed to transfer"); `make repro`'s
-    cache_check names what dvc.lock records that the cache does not hold, exit 2."""
+@pytest.fixture
+def small_cache(repo: Path, tmp_path: Path) -> Iterator[Path]:
+    """`repo`'s DVC cache on a 300 KB tmpfs: the model (1.6 MB) cannot fit. Root only (as CI has)."""
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs for the cache needs root, as CI has")
     cache = tmp_path / "small-cache"
@@ -221,11 +222,26 @@ def test_an_output_that_did_not_reach_a_full_cache_is_said(repo: Path, tmp_path:
         pytest.skip("cannot mount a tmpfs here")
     try:
         run(["dvc", "cache", "dir", str(cache)], repo)
-        write_params(repo, {"train": {"epochs": 2}})
-        run(["dvc", "repro"], repo, check=False)  # the model (1.6 MB) cannot fit in 300 KB
-        check = run([str(BIN / "python"), "-m", "stages.cache_check"], repo, check=False)
-        line = check.stderr.strip().splitlines()[-1]
-        assert check.returncode == 2 and line.startswith("error: ") and "not in DVC's cache: " in line, check.stderr
-        assert "models" in line and "dvc commit -f" in line
+        yield cache
     finally:
         subprocess.run(["umount", str(cache)], check=False)
+
+
+def test_an_output_that_did_not_reach_a_full_cache_is_said(repo: Path, small_cache: Path) -> None:
+    """The cache on a full file system: DVC only warns ("failed to transfer"); `make repro`'s
+    cache_check names what dvc.lock records that the cache does not hold, exit 2."""
+    write_params(repo, {"train": {"epochs": 2}})
+    run(["dvc", "repro"], repo, check=False)  # the model (1.6 MB) cannot fit in 300 KB
+    check = run([str(BIN / "python"), "-m", "stages.cache_check"], repo, check=False)
+    line = check.stderr.strip().splitlines()[-1]
+    assert check.returncode == 2 and line.startswith("error: ") and "not right in DVC's cache: " in line, check.stderr
+    assert "models/ (missing from the cache)" in check.stdout.splitlines() and "make room first" in line
+
+
+def test_a_sweep_into_a_full_cache_fails_and_names_the_experiment(repo: Path, small_cache: Path) -> None:
+    """DVC's queue fails this experiment itself (the sweep then names it); an experiment that "succeeds"
+    without its outputs in the cache is named too (tests/test_cache_integrity.py)."""
+    proc = run([str(BIN / "python"), "-m", "stages.sweep", "-S", "train.epochs=2"], repo, check=False)
+    line = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and line.startswith("error: 1 of 1 experiments "), proc.stderr
+    assert "did not finish" in line or "not in DVC's cache" in line

@@ -40,6 +40,7 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
+from stages.lib import cache_integrity
 from stages.lib import study_protocol as sp
 from stages.lib.errors import StageError
 
@@ -298,10 +299,18 @@ def run_experiment(spec: sp.Spec, name: str, design: sp.Design, gradients: bool,
 
 def read_metrics(ref: str) -> dict:
     """Test and validation accuracy, the per-epoch validation curve and any gradient curves, from the
-    experiment's DVC-cached outputs (DVC reads them from the cache at that git ref)."""
+    experiment's DVC-cached outputs (DVC reads them from the cache at that git ref). Raises TrialFailed
+    when the cache lacks one of its outputs (`dvc exp run` only warns when the cache's disk is full)."""
     from dvc.repo import Repo
 
     with Repo.open(".", rev=ref) as repo:
+        missing = cache_integrity.not_in_cache(repo)
+        if missing:
+            name = ref.rsplit("/", 1)[-1]
+            raise TrialFailed(
+                f"{name}'s outputs are not in DVC's cache: {', '.join(missing)} (its disk may be full); make room, "
+                f"then `dvc exp remove {name}` and run the study again"
+            )
         fs = repo.dvcfs
         test = json.loads(fs.read_text("metrics/eval.json"))["test"]
         summary = json.loads(fs.read_text("metrics/train/metrics.json"))
