@@ -13,7 +13,6 @@ out, with its card (`models/model.json`) and a SavedModel beside it.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -41,8 +40,9 @@ PROBE_ROWS = 64  # the fixed batch train.log_gradients measures gradients on (be
 class ClusterDeadline(keras.callbacks.Callback):
     """Ends a multi_worker run with one line when its first training step has not finished within
     `seconds` (a worker that never started, a wrong address). TensorFlow waits for the cluster in C
-    holding the GIL, where no thread of this process runs: a watchdog process keeps the deadline
-    and the signals until then."""
+    holding the GIL, where no thread of its process runs, and takes SIGTERM over (its preemption
+    notifier): the stage forks here, TensorFlow runs in the child, and the stage's own process
+    stays out of it as the watchdog that keeps the deadline and the signals for the whole run."""
 
     def __init__(self, seconds: float) -> None:
         super().__init__()
@@ -51,7 +51,8 @@ class ClusterDeadline(keras.callbacks.Callback):
             f"(train.cluster_timeout_s); is every worker of TF_CONFIG started and reachable? "
             f"TF_CONFIG: {os.environ.get('TF_CONFIG', '')}"
         )
-        self.done: Callable[[], None] | None = runner.watchdog(seconds, line)
+        outputs = (LIVE_DIR, serving.MODEL_DIR, TIMINGS)
+        self.done: Callable[[], None] | None = runner.fork_watched(seconds, line, outputs)  # returns in the child
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         if self.done:  # a step across the cluster finished: every worker answered
@@ -152,9 +153,16 @@ def main() -> None:
     x, y = data["x_train"], registry.encode_labels(data["y_train"], registry.LOSSES[t.loss])
     stopper = early_stopping(t.early_stopping)
     callbacks = [*watch, StopOnDivergence(t.optimizer), *([stopper] if stopper else [])]
-    fit = functools.partial(
-        loop.fit, x, y, epochs=t.epochs, batch_size=t.batch_size, validation_split=t.validation_split, seed=t.seed
-    )
+
+    def fit(**kwargs: object) -> dict[str, list[float]]:
+        try:
+            return loop.fit(x, y, epochs=t.epochs, batch_size=t.batch_size, validation_split=t.validation_split,
+                            seed=t.seed, **kwargs)  # fmt: skip
+        except tf.errors.UnavailableError as exc:  # multi_worker: a peer stopped mid-run
+            first = (exc.message or "").strip().splitlines()[:1]
+            raise StageError(f"train.distribute: multi_worker: another worker stopped or cannot be reached "
+                             f"(TensorFlow: {first[0][:200] if first else type(exc).__name__})") from None  # fmt: skip
+
     if not engine.is_chief(strategy):  # another worker of a multi_worker run: train, write nothing
         fit(callbacks=callbacks, verbose=0)
         print("worker done: the chief writes the outputs")

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import pytest
 
-from tests.harness import ENV, ROOT, free_ports, run, write_params
+from tests.harness import ENV, ROOT, free_ports, run, wait_for, write_params
 
 PYTHON = sys.executable
 QUIET = {**ENV, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -91,29 +91,74 @@ def test_two_workers_on_localhost_train_like_one_and_only_the_chief_writes(
     np.testing.assert_allclose(probabilities[0], probabilities[1], atol=1e-3)
 
 
-def test_a_worker_that_never_starts_ends_the_run_at_the_deadline_and_ctrl_c_ends_it_sooner(
+def test_sigterm_to_the_chief_mid_training_ends_both_workers_with_one_line_each(
+    project: Path, small: dict[str, np.ndarray], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """`docker stop` of the chief while the cluster trains: the chief says so (exit 143) and leaves
+    no temporaries; the other worker, whose peer is gone, says that in one line (exit 2)."""
+    chief = with_data(project, small)
+    other = tmp_path_factory.mktemp("worker1")
+    for name in ("stages", "data"):
+        os.symlink(chief / name, other / name)
+    for folder in (chief, other):
+        write_params(folder, {"train": {"epochs": 500, "distribute": "multi_worker"}})
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    config = [json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}) for i in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [PYTHON, "-m", "stages.train"], cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env={**QUIET, "TF_CONFIG": config[i]},
+        )
+        for i, folder in enumerate((chief, other))
+    ]  # fmt: skip
+    wait_for(lambda: list(chief.glob("metrics/.train.*.tmp/plots/metrics/train/loss.tsv")), 120, "the first epoch")
+    procs[0].send_signal(signal.SIGTERM)
+    said = [proc.communicate(timeout=120)[1] for proc in procs]
+    assert procs[0].returncode == 143 and said[0].strip().splitlines()[-1].startswith("terminated"), said[0]
+    assert not list(chief.glob("metrics/.*.tmp")) and not (chief / "models").exists()
+    line = said[1].strip().splitlines()[-1]
+    assert procs[1].returncode == 2 and line.startswith("error: train.distribute: multi_worker: another"), said[1]
+
+
+def test_a_worker_that_never_starts_ends_the_run_at_the_deadline_and_a_signal_ends_it_sooner(
     project: Path, small: dict
 ) -> None:
     """TF_CONFIG names two workers; only worker 0 runs. TensorFlow would wait for worker 1 forever,
-    in C, where Python's signal handlers do not run."""
+    in C holding the GIL, with its own SIGTERM handler: the stage's process keeps out of it
+    (TensorFlow runs in its child) and ends the wait at the deadline, on Ctrl-C and on SIGTERM."""
     chief = with_data(project, small)
     workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
     env = {**QUIET, "TF_CONFIG": json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": 0}})}
-    write_params(chief, {"train": {"distribute": "multi_worker", "cluster_timeout_s": 20}})
+    write_params(chief, {"train": {"distribute": "multi_worker", "cluster_timeout_s": 5}})
     train = [PYTHON, "-m", "stages.train"]
     proc = subprocess.run(train, cwd=chief, env=env, capture_output=True, text=True, timeout=120, check=False)
     line = proc.stderr.strip().splitlines()[-1]
-    assert proc.returncode == -signal.SIGKILL, proc.stderr  # the watchdog ends it: TensorFlow holds the GIL
+    assert proc.returncode == 2, proc.stderr
     assert line.startswith("error: train.distribute: multi_worker: the cluster did not"), line
-    assert "within 20 s (train.cluster_timeout_s)" in line and not (chief / "models").exists()
+    assert "within 5 s (train.cluster_timeout_s)" in line and not (chief / "models").exists()
 
     write_params(chief, {"train": {"distribute": "multi_worker", "cluster_timeout_s": 600}})
-    waiting = subprocess.Popen([PYTHON, "-m", "stages.train"], cwd=chief, env=env, stderr=subprocess.PIPE, text=True)
-    time.sleep(15)  # past TensorFlow's import: waiting for worker 1 (no sign of that to wait for)
-    waiting.send_signal(signal.SIGINT)  # Ctrl-C (SIGTERM is TensorFlow's there: its preemption notifier)
-    _, stderr = waiting.communicate(timeout=30)  # not 600 s: the signal ends the wait
-    assert waiting.returncode in (130, -signal.SIGKILL), stderr  # itself, or its watchdog after the grace
-    assert stderr.strip().splitlines()[-1].startswith("interrupted (Ctrl-C)")
+    for signum, status, said in [(signal.SIGINT, 130, "interrupted (Ctrl-C)"), (signal.SIGTERM, 143, "terminated")]:
+        waiting = subprocess.Popen(train, cwd=chief, env=env, stderr=subprocess.PIPE, text=True)
+        tensorflow = waiting_for_the_cluster(waiting.pid)
+        waiting.send_signal(signum)  # to the stage, as Ctrl-C, `kill` or `docker stop` would
+        _, stderr = waiting.communicate(timeout=10)  # not 600 s: the signal ends the wait
+        assert waiting.returncode == status, stderr
+        assert stderr.strip().splitlines()[-1].startswith(said), stderr
+        assert not Path(f"/proc/{tensorflow}").exists() and not (chief / "models").exists()
+
+
+def waiting_for_the_cluster(stage: int, timeout: float = 60) -> int:
+    """The pid of the stage's child that runs TensorFlow, once it waits for the cluster (its gRPC
+    threads have started: dozens of them)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/{stage}/task/{stage}/children").read_text().split()
+        if children and int(Path(f"/proc/{children[0]}/status").read_text().split("Threads:")[1].split()[0]) > 50:
+            time.sleep(1)  # into the wait itself
+            return int(children[0])
+        time.sleep(0.2)
+    raise AssertionError(f"stage {stage} did not start waiting for the cluster within {timeout} s")
 
 
 def test_multi_worker_without_tf_config_is_one_line_before_anything_is_written(project: Path, small: dict) -> None:

@@ -20,12 +20,13 @@ it, `dvc checkout --force` puts back every output that dvc.lock records, byte fo
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import fcntl
 import os
 import select
 import signal
-import subprocess
 import sys
 import threading
 import traceback
@@ -125,61 +126,84 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     writes under way, say so, and exit at once."""
     if not _stopping.acquire(blocking=False):  # the other thread is already stopping the process
         return
+    _end_children()
     atomic.abandon_all()
     what, status = SIGNALS[signal.Signals(signum)]
     _fail(f"{what}: {_kept}" if _kept else what, status, now=True)
 
 
-# The watchdog: a separate process, for a wait in C that holds the GIL (TensorFlow's multi-worker
-# start-up), where no thread of this process can run. It reads this process's signals (the wakeup
-# fd) and a "done" byte from a pipe; after the deadline, or a signal this process did not act on
-# within GRACE_S, it prints the line and ends this process with SIGKILL.
-_WATCHDOG = """
-import os, select, signal, sys, time
-parent, seconds, fd, grace = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
-lines = {int(signal.SIGINT): sys.argv[6], int(signal.SIGTERM): sys.argv[7]}
-deadline, line = time.monotonic() + seconds, sys.argv[5]
-while True:
-    if not select.select([fd], [], [], max(deadline - time.monotonic(), 0))[0]:
-        break
-    data = os.read(fd, 64)
-    if not data or 255 in data:
-        sys.exit(0)
-    if data[0] in lines:
-        time.sleep(grace)
-        line = lines[data[0]]
-        break
-try:
-    os.kill(parent, 0)
-except ProcessLookupError:
-    sys.exit(0)
-print(line, file=sys.stderr, flush=True)
-os.kill(parent, signal.SIGKILL)
-"""
-GRACE_S = 2.0
+_CHILDREN: list[int] = []  # the process that runs TensorFlow under `fork_watched`: it ends with this one
+_CHILD_OUTPUTS: list[Path] = []  # what it writes: its temporaries are removed once it has ended
 
 
-def watchdog(seconds: float, line: str) -> Callable[[], None]:
-    """Until the returned function is called (from the main thread), end this process after `seconds`
-    with `line` (an `error:` line), and on Ctrl-C or SIGTERM with the signal's line, even while the
-    main thread waits in C holding the GIL; then exit status is -9 (SIGKILL), after the line."""
+def fork_watched(seconds: float, line: str, outputs: tuple[Path, ...] = ()) -> Callable[[], None]:
+    """Fork; return in the child, which goes on with the stage; this process becomes its watchdog.
+
+    For TensorFlow's multi-worker start-up, which waits for the cluster in C holding the GIL (no
+    thread of that process runs) and installs its own SIGTERM handler (its preemption notifier,
+    which only takes note) for the rest of the run. This process never enters TensorFlow, so its
+    handlers always run: on SIGINT or SIGTERM (or the end of dvc) it ends the child with SIGKILL,
+    prints the signal's line and exits 130 or 143; when the child has not called the returned
+    function (its first training step) within `seconds`, the same with `line` (an `error:` line,
+    exit 2); otherwise it exits with the child's status. The child ignores SIGINT and SIGTERM
+    (this process handles them) and dies with this process, even a SIGKILLed one. `outputs`: the
+    paths the child writes (`atomic.target`); the writes it had under way are dropped once it ends.
+    """
     reader, writer = os.pipe()
-    signals = [f"{what}: {_kept}" if _kept else what for what, _ in SIGNALS.values()]
-    subprocess.Popen(  # this interpreter, the code above
-        [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(seconds), str(reader), str(GRACE_S),
-         _with_kept(f"error: {line}"), *signals],
-        pass_fds=[reader], stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-    os.close(reader)
-    os.set_blocking(writer, False)  # as set_wakeup_fd requires
-    relay = signal.set_wakeup_fd(writer, warn_on_full_buffer=False)  # signals go to the watchdog too
+    parent = os.getpid()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)  # no signal between the fork and the roles
+    pid = os.fork()
+    if pid == 0:
+        os.close(reader)
+        for signum in SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+        _die_with(parent)
 
-    def done() -> None:
-        signal.set_wakeup_fd(relay, warn_on_full_buffer=False)
-        os.write(writer, b"\xff")
-        os.close(writer)
+        def done() -> None:
+            os.write(writer, b"\xff")
+            os.close(writer)
 
-    return done
+        return done
+    _CHILDREN.append(pid)
+    _CHILD_OUTPUTS.extend(outputs)
+    os.close(writer)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+    if not select.select([reader], [], [], seconds)[0]:  # neither a first step nor an exit
+        if _stopping.acquire(blocking=False):
+            _end_children()
+            _fail(_with_kept(f"error: {line}"), 2, now=True)
+    else:
+        try:
+            status = os.waitpid(pid, 0)[1]
+        except ChildProcessError:  # a signal's handler took it
+            status = 0
+        if _stopping.acquire(blocking=False):
+            code = os.waitstatus_to_exitcode(status)
+            os._exit(code if code >= 0 else 128 - code)
+    threading.Event().wait()  # a signal's handler (another thread) is ending this process
+
+
+def _die_with(parent: int) -> None:
+    """Have the kernel SIGKILL this process when its parent ends (Linux); ends it now if it already has."""
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: the parent still ends it on a signal
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _end_children() -> None:
+    """SIGKILL the process that runs TensorFlow (`fork_watched`), and wait until it is gone."""
+    for pid in _CHILDREN:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):  # already ended, or reaped by the main thread
+            pass
+    for path in _CHILD_OUTPUTS:
+        atomic.recover(path)  # the killed child's temporaries (their names hold its pid)
 
 
 def _relay(reader: int) -> None:
