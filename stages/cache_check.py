@@ -38,23 +38,13 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> None:
-    from dvc.repo import Repo  # a second's import: after --help
+    from dvc.exceptions import DvcException  # a second's import: after --help
 
     args = parse_args()
-    checked, problems, remotes = set(), [], {}
-    with Repo(".") as repo:
-        for rev in args.rev or [None]:
-            with repo.switch(rev) if rev else contextlib.nullcontext():
-                for entry in cache_integrity.entries(repo):
-                    if entry.oid in checked:
-                        continue
-                    checked.add(entry.oid)
-                    remote = None
-                    if args.remote:
-                        if entry.hash_name not in remotes:
-                            remotes[entry.hash_name] = repo.cloud.get_remote_odb(args.remote, hash_name=entry.hash_name)
-                        remote = remotes[entry.hash_name]
-                    problems += check(entry, remote, args)
+    try:
+        problems, checked = survey(args)
+    except DvcException as exc:  # not a DVC repository, an unknown remote or revision, a remote that fails
+        raise StageError(" ".join(str(exc).split())) from None
     where = f"DVC's cache and remote '{args.remote}'" if args.remote else "DVC's cache"
     if problems:
         advice = (
@@ -69,6 +59,29 @@ def main() -> None:
         raise StageError(f"{len(problems)} object(s) are not right in {where}: {shown}; {advice}")
     how = "read and hashed" if args.verify else "present"
     print(f"all {len(checked)} objects that dvc.lock records are {how} in {where}")
+
+
+def survey(args: argparse.Namespace) -> tuple[list[str], set[str]]:
+    """(what is wrong, each object checked once) over the workspace's or each `--rev`'s records."""
+    from dvc.repo import Repo
+
+    checked: set[str] = set()
+    problems: list[str] = []
+    remotes: dict[str, HashFileDB] = {}
+    with Repo(".") as repo:
+        for rev in args.rev or [None]:
+            with repo.switch(rev) if rev else contextlib.nullcontext():
+                for entry in cache_integrity.entries(repo):
+                    if entry.oid in checked:
+                        continue
+                    checked.add(entry.oid)
+                    remote = None
+                    if args.remote:
+                        if entry.hash_name not in remotes:
+                            remotes[entry.hash_name] = repo.cloud.get_remote_odb(args.remote, hash_name=entry.hash_name)
+                        remote = remotes[entry.hash_name]
+                    problems += check(entry, remote, args)
+    return problems, checked
 
 
 def check(entry: cache_integrity.Entry, remote: HashFileDB | None, args: argparse.Namespace) -> list[str]:

@@ -101,3 +101,10 @@ def test_an_experiment_whose_outputs_are_not_in_the_cache_fails_the_sweep_and_it
     assert "dvc exp remove short" in out.stdout
     sweep = run([str(BIN / "python"), "-c", "import stages.sweep as s; print(s.not_in_cache(['short']))"], pushed)
     assert "{'short': 'models/model.keras'}" in sweep.stdout
+
+
+def test_an_unknown_remote_or_revision_is_one_line(pushed: Path) -> None:
+    for args, said in ((["--remote", "nope"], "remote 'nope' doesn't exist"), (["--rev", "nope"], "'nope'")):
+        proc = run([*CHECK, *args], pushed, check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and said in lines[0], lines
