@@ -159,9 +159,9 @@ def main() -> None:
             return loop.fit(x, y, epochs=t.epochs, batch_size=t.batch_size, validation_split=t.validation_split,
                             seed=t.seed, **kwargs)  # fmt: skip
         except tf.errors.UnavailableError as exc:  # multi_worker: a peer stopped mid-run
-            first = (exc.message or "").strip().splitlines()[:1]
-            raise StageError(f"train.distribute: multi_worker: another worker stopped or cannot be reached "
-                             f"(TensorFlow: {first[0][:200] if first else type(exc).__name__})") from None  # fmt: skip
+            said = [line.strip() for line in (exc.message or "").splitlines() if "abort" in line.lower()][:1]
+            raise StageError("train.distribute: multi_worker: another worker stopped or cannot be reached"
+                             + (f" (TensorFlow: {said[0][:200]})" if said else "")) from None  # fmt: skip
 
     if not engine.is_chief(strategy):  # another worker of a multi_worker run: train, write nothing
         fit(callbacks=callbacks, verbose=0)

@@ -8,6 +8,7 @@ Real `dvc`, real git, the project's default remote (a folder beside the clone) w
 from __future__ import annotations
 
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,8 @@ def test_a_byte_flipped_in_the_cache_is_found_and_repaired_from_the_workspace(pu
     found = run([*CHECK, "--verify"], pushed, check=False)
     line = found.stderr.strip().splitlines()[-1]
     assert found.returncode == 2 and line.startswith("error: 1 object(s) are not right in DVC's cache"), found.stderr
-    assert "models/model.keras (corrupt in the cache)" in line and "--repair" in line
+    assert "models/model.keras (corrupt in the cache)" in line
+    assert "`python -m stages.cache_check --verify --repair` copies good objects" in line  # the flags that found it
 
     fixed = run([*CHECK, "--verify", "--repair"], pushed)
     assert "repaired models/model.keras (corrupt in the cache) from the workspace" in fixed.stdout
@@ -94,7 +96,7 @@ def test_an_experiment_whose_outputs_are_not_in_the_cache_fails_the_sweep_and_it
     model = stored(pushed / ".dvc/cache/files/md5", pushed, "models/model.keras")
     model.unlink()
     named = run([*CHECK, "--rev", "short"], pushed, check=False)
-    assert named.returncode == 2 and "models/model.keras (missing from the cache)" in named.stderr
+    assert named.returncode == 2 and "models/model.keras at short (missing from the cache)" in named.stderr
     probe = f"import stages.lib.study_worker as w\ntry: w.read_metrics({ref!r})\nexcept w.TrialFailed as e: print(e)"
     out = run([str(BIN / "python"), "-c", probe], pushed)
     assert "short's outputs are not in DVC's cache: models/model.keras" in out.stdout, out.stdout + out.stderr
@@ -103,8 +105,19 @@ def test_an_experiment_whose_outputs_are_not_in_the_cache_fails_the_sweep_and_it
     assert "{'short': 'models/model.keras'}" in sweep.stdout
 
 
-def test_an_unknown_remote_or_revision_is_one_line(pushed: Path) -> None:
-    for args, said in ((["--remote", "nope"], "remote 'nope' doesn't exist"), (["--rev", "nope"], "'nope'")):
-        proc = run([*CHECK, *args], pushed, check=False)
+def test_an_unknown_remote_or_revision_and_a_remote_that_never_answers_are_one_line(pushed: Path) -> None:
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts connections (the kernel's backlog), never answers
+    endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    run(["dvc", "remote", "add", "silent", "s3://bucket/lab"], pushed)
+    run(["dvc", "remote", "modify", "silent", "endpointurl", endpoint], pushed)
+    for key in ("access_key_id", "secret_access_key"):
+        run(["dvc", "remote", "modify", "--local", "silent", key, "x"], pushed)
+    for args, said in (
+        (["--remote", "nope"], "remote 'nope' doesn't exist"),
+        (["--rev", "nope"], "'nope'"),
+        (["--remote", "silent", "--timeout", "3"], "remote 'silent' did not answer within 3 s (--timeout)"),
+    ):
+        proc = run([*CHECK, *args], pushed, check=False, timeout=60)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and said in lines[0], lines
+    silent.close()

@@ -91,11 +91,15 @@ def test_two_workers_on_localhost_train_like_one_and_only_the_chief_writes(
     np.testing.assert_allclose(probabilities[0], probabilities[1], atol=1e-3)
 
 
-def test_sigterm_to_the_chief_mid_training_ends_both_workers_with_one_line_each(
-    project: Path, small: dict[str, np.ndarray], tmp_path_factory: pytest.TempPathFactory
+@pytest.mark.parametrize(
+    "stop", [("stage", 143, "terminated"), ("child", 2, "error: the process training the model was killed by SIGKILL")]
+)
+def test_a_chief_stopped_mid_training_ends_both_workers_with_one_line_each(
+    project: Path, small: dict[str, np.ndarray], tmp_path_factory: pytest.TempPathFactory, stop: tuple[str, int, str]
 ) -> None:
-    """`docker stop` of the chief while the cluster trains: the chief says so (exit 143) and leaves
-    no temporaries; the other worker, whose peer is gone, says that in one line (exit 2)."""
+    """`docker stop` of the chief while the cluster trains (SIGTERM to the stage), or the OOM killer
+    (SIGKILL to the child that runs TensorFlow): the chief says which in one line and leaves no
+    temporaries; the other worker, whose peer is gone, says that in one line (exit 2)."""
     chief = with_data(project, small)
     other = tmp_path_factory.mktemp("worker1")
     for name in ("stages", "data"):
@@ -112,12 +116,16 @@ def test_sigterm_to_the_chief_mid_training_ends_both_workers_with_one_line_each(
         for i, folder in enumerate((chief, other))
     ]  # fmt: skip
     wait_for(lambda: list(chief.glob("metrics/.train.*.tmp/plots/metrics/train/loss.tsv")), 120, "the first epoch")
-    procs[0].send_signal(signal.SIGTERM)
-    said = [proc.communicate(timeout=120)[1] for proc in procs]
-    assert procs[0].returncode == 143 and said[0].strip().splitlines()[-1].startswith("terminated"), said[0]
+    whom, status, said = stop
+    if whom == "stage":
+        procs[0].send_signal(signal.SIGTERM)
+    else:
+        os.kill(int(Path(f"/proc/{procs[0].pid}/task/{procs[0].pid}/children").read_text().split()[0]), signal.SIGKILL)
+    lines = [proc.communicate(timeout=120)[1] for proc in procs]
+    assert procs[0].returncode == status and lines[0].strip().splitlines()[-1].startswith(said), lines[0]
     assert not list(chief.glob("metrics/.*.tmp")) and not (chief / "models").exists()
-    line = said[1].strip().splitlines()[-1]
-    assert procs[1].returncode == 2 and line.startswith("error: train.distribute: multi_worker: another"), said[1]
+    line = lines[1].strip().splitlines()[-1]
+    assert procs[1].returncode == 2 and line.startswith("error: train.distribute: multi_worker: another"), lines[1]
 
 
 def test_a_worker_that_never_starts_ends_the_run_at_the_deadline_and_a_signal_ends_it_sooner(

@@ -145,7 +145,8 @@ def fork_watched(seconds: float, line: str, outputs: tuple[Path, ...] = ()) -> C
     handlers always run: on SIGINT or SIGTERM (or the end of dvc) it ends the child with SIGKILL,
     prints the signal's line and exits 130 or 143; when the child has not called the returned
     function (its first training step) within `seconds`, the same with `line` (an `error:` line,
-    exit 2); otherwise it exits with the child's status. The child ignores SIGINT and SIGTERM
+    exit 2); otherwise it exits with the child's status, or, when a signal killed the child (the
+    OOM killer's SIGKILL), says so in one line (exit 2). The child ignores SIGINT and SIGTERM
     (this process handles them) and dies with this process, even a SIGKILLed one. `outputs`: the
     paths the child writes (`atomic.target`); the writes it had under way are dropped once it ends.
     """
@@ -182,7 +183,13 @@ def fork_watched(seconds: float, line: str, outputs: tuple[Path, ...] = ()) -> C
             status = 0
         if _stopping.acquire(blocking=False):
             code = os.waitstatus_to_exitcode(status)
-            os._exit(code if code >= 0 else 128 - code)
+            if code >= 0:  # the child said why, if it failed
+                os._exit(code)
+            for path in _CHILD_OUTPUTS:  # its temporaries (it is gone: reaped above)
+                atomic.recover(path)
+            why = " (out of memory? the kernel's OOM killer sends it)" if -code == signal.SIGKILL else ""
+            _fail(_with_kept(f"error: the process training the model was killed by {signal.Signals(-code).name}{why}"),
+                  2, now=True)  # fmt: skip
     threading.Event().wait()  # a signal's handler (another thread) is ending this process
 
 
