@@ -161,7 +161,7 @@ def fork_watched(seconds: float, line: str, outputs: tuple[Path, ...] = ()) -> C
         for signum in SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
-        _die_with(parent)
+        die_with_parent(signal.SIGKILL, parent)
 
         def done() -> None:
             os.write(writer, b"\xff")
@@ -185,19 +185,19 @@ def fork_watched(seconds: float, line: str, outputs: tuple[Path, ...] = ()) -> C
             code = os.waitstatus_to_exitcode(status)
             if code >= 0:  # the child said why, if it failed
                 os._exit(code)
-            for path in _CHILD_OUTPUTS:  # its temporaries (it is gone: reaped above)
-                atomic.recover(path)
+            _drop_child_writes()  # it is gone: reaped above
             why = " (out of memory? the kernel's OOM killer sends it)" if -code == signal.SIGKILL else ""
             _fail(_with_kept(f"error: the process training the model was killed by {signal.Signals(-code).name}{why}"),
                   2, now=True)  # fmt: skip
     threading.Event().wait()  # a signal's handler (another thread) is ending this process
 
 
-def _die_with(parent: int) -> None:
-    """Have the kernel SIGKILL this process when its parent ends (Linux); ends it now if it already has."""
-    with contextlib.suppress(OSError, AttributeError):  # not Linux: the parent still ends it on a signal
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:
+def die_with_parent(signum: int = signal.SIGKILL, parent: int | None = None) -> None:
+    """Have the kernel send this process `signum` when its parent ends, even by SIGKILL (Linux's
+    PR_SET_PDEATHSIG; elsewhere a no-op); with `parent`, end now if that parent has already gone."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signum, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+    if parent is not None and os.getppid() != parent:
         os._exit(1)
 
 
@@ -209,8 +209,13 @@ def _end_children() -> None:
             os.waitpid(pid, 0)
         except (ProcessLookupError, ChildProcessError):  # already ended, or reaped by the main thread
             pass
+    _drop_child_writes()
+
+
+def _drop_child_writes() -> None:
+    """Remove the temporaries of an ended child's writes (their names hold its pid)."""
     for path in _CHILD_OUTPUTS:
-        atomic.recover(path)  # the killed child's temporaries (their names hold its pid)
+        atomic.recover(path)
 
 
 def _relay(reader: int) -> None:

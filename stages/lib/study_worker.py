@@ -21,8 +21,8 @@ Why it is run once, even with workers on several machines started together:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
+import functools
 import json
 import os
 import random
@@ -40,7 +40,7 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from stages.lib import cache_integrity
+from stages.lib import cache_integrity, runner
 from stages.lib import study_protocol as sp
 from stages.lib.errors import StageError
 
@@ -200,14 +200,6 @@ def collect(trials: list[optuna.trial.FrozenTrial]) -> dict[str, sp.KeyState]:
 
 # --- one trial: a DVC experiment -----------------------------------------------------------------
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the worker dies, even by SIGKILL (Linux; elsewhere a no-op)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
 
 def find_experiment(name: str) -> str | None:
     """The git ref of the experiment called `name` (this commit's first), or None."""
@@ -267,11 +259,12 @@ def run_experiment(spec: sp.Spec, name: str, design: sp.Design, gradients: bool,
         for key, value in wanted.items():
             cmd += ["-S", f"{key}={value}"]
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        dies_with_this_worker = functools.partial(runner.die_with_parent, signal.SIGTERM)  # dvc then stops its stage
         with open(log, "w") as out:
             out.write(f"$ {' '.join(cmd)}\n")
             out.flush()
             rc = subprocess.run(
-                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent, check=False
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=dies_with_this_worker, check=False
             ).returncode
         text = log.read_text(errors="replace")
         if rc != 0:
