@@ -6,14 +6,15 @@ pushed and pulled while `dvc status` is clean. A remote that holds a directory's
 assumed to hold every file in it (`dvc_data.hashfile.status`: "If .dir hash exists in the ODB,
 assume directory contents"), so a file object deleted from a remote is never sent again and `dvc
 status -c` says "in sync". And `dvc repro` exits 0 when an output could not be copied into a full
-cache. This module looks at each object itself: it exists (`present`), and its bytes hash to its
-name (`verify`, dvc-data's `file_md5`, which reads every byte). `repair` puts a good copy back from
+cache. This module looks at each object itself: it exists (`HashFileDB.exists`), and its bytes
+hash to its name (`intact`: dvc-data's `file_md5`, which reads every byte). `repair` puts a good copy back from
 the workspace, the cache or the remote, through DVC's own object stores (`HashFileDB.add`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -69,38 +70,32 @@ def intact(db: HashFileDB, entry: Entry) -> bool:
         return False
 
 
-def present(db: HashFileDB, entry: Entry) -> bool:
-    """True when `db` holds a file under the object's name (nothing is read)."""
-    return db.exists(entry.oid)
-
-
 def repair(entry: Entry, sources: list[tuple[HashFileDB | None, str]], dest: HashFileDB) -> str | None:
     """Put a good copy of `entry` into `dest` from the first source that holds one; its name, or None.
 
     `sources`: (object store, name) pairs, or (None, name) for the workspace file at `entry.path`.
-    A bad copy in `dest` is removed first, as DVC does when it finds one (`HashFileDB.check`).
+    A bad copy in `dest` is removed first, as DVC does when it finds one (`HashFileDB.check`); each
+    source's copy is read once, into `dest`, and kept only if its bytes hash to the object's name.
     """
     from dvc_objects.fs.local import LocalFileSystem
 
     if dest.exists(entry.oid):
         dest.delete(entry.oid)
     for db, name in sources:
-        if db is None:
-            fs, where = LocalFileSystem(), entry.path
-            try:
-                good = not entry.oid.endswith(".dir") and file_md5(where, fs, name=entry.hash_name) == entry.oid
-            except (FileNotFoundError, IsADirectoryError):
-                good = False
-        else:
-            fs, where = db.fs, db.oid_to_path(entry.oid)
-            good = intact(db, entry)
-        if good:
+        if db is None and entry.oid.endswith(".dir"):  # a listing has no workspace file
+            continue
+        fs, where = (LocalFileSystem(), entry.path) if db is None else (db.fs, db.oid_to_path(entry.oid))
+        try:
             dest.add(where, fs, entry.oid, check_exists=False)
-            if intact(dest, entry):
-                return name
+        except (FileNotFoundError, IsADirectoryError):  # this source does not hold it
+            continue
+        if intact(dest, entry):
+            return name
+        with suppress(FileNotFoundError):  # (a store that verifies what it is given removed it already)
+            dest.delete(entry.oid)
     return None
 
 
 def not_in_cache(repo: Repo) -> list[str]:
     """The paths of the recorded objects that DVC's cache does not hold (existence only: fast)."""
-    return [entry.path for entry in entries(repo) if not present(entry.cache, entry)]
+    return [entry.path for entry in entries(repo) if not entry.cache.exists(entry.oid)]
