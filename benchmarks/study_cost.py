@@ -1,5 +1,6 @@
-"""Where a study run's time goes: TensorFlow start-up per stage, compilation, training, evaluation,
-DVC's own work, and the study's own bookkeeping; and what DVC's run-cache saves on a revisit.
+"""Where a study run's time goes: start-up per stage (TensorFlow in train; evaluate runs LiteRT),
+compilation, training, evaluation, DVC's own work, and the study's own bookkeeping; and what DVC's
+run-cache saves on a revisit.
 
 In a fresh git + DVC copy of this project (default params, `dvc repro` once, committed):
 - start-up: `python -c "import stages.<name>"` for train and evaluate (median of 3);
@@ -101,7 +102,7 @@ def main() -> None:
     print(f"    training (10 epochs):    {fit_s:5.1f} s")
     print(f"    data, model, saving:     {train_s - startup['train'] - compile_s - fit_s:5.1f} s)")
     print(f"  evaluate stage:            {spans['evaluate']:5.1f} s   (by hand: {eval_s:.1f} s, of which:")
-    print(f"    TensorFlow start-up:     {startup['evaluate']:5.1f} s")
+    print(f"    start-up (LiteRT):       {startup['evaluate']:5.1f} s")
     print(f"    loading, predicting, plots: {eval_s - startup['evaluate']:5.1f} s)")
     print(f"  DVC's own work:            {dvc_s:5.1f} s   (start-up, workspace copy, hashing, caching, commit)")
     print(f"study bookkeeping per run:   {read_s:5.1f} s   (reading its metrics back through DVC; Optuna: ms)")

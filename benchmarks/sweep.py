@@ -45,7 +45,7 @@ def sweep(repo: Path, losses: str, optimizers: str, jobs: int) -> tuple[float, d
     for row in dvc.api.exp_show(repo=str(repo)):
         if row.get("Experiment"):
             key = (column(row, "train.loss"), column(row, "train.optimizer.name"))
-            results[key] = (column(row, "test.accuracy"), column(row, "test.loss"))
+            results[key] = (column(row, "test.accuracy"), column(row, "test.log_loss"))
     failed = run(["dvc", "queue", "status"], repo).stdout.count("Failed")
     if failed:
         raise SystemExit(f"{failed} experiments failed: dvc queue logs in {repo}")

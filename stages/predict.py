@@ -4,7 +4,8 @@ Each PNG/JPEG/... (any size or colour) becomes the 28x28 picture MNIST would hav
 (`stages.lib.images`), and the shipped model (`models/`, see `stages.lib.serving`) reads it.
 Prints, per file, the predicted digit and the top-3 outputs; `--json` for machines; `--show
 out.png` draws each input beside the 28x28 the model saw and its outputs. Not a DVC stage:
-it reads the user's files, and nothing of the project but the model and its card.
+it reads the user's files, and nothing of the project but the model and its card. Runs the
+LiteRT model without TensorFlow (a fraction of a second); matplotlib is imported for --show only.
 
     python -m stages.predict my_seven.png photo_of_a_three.jpg --show seen.png
 """
@@ -16,12 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.backend_bases import FigureCanvasBase
 
 from stages.lib import images, runner, serving
 from stages.lib.errors import StageError
@@ -45,6 +41,8 @@ def check_show(out: Path, inputs: list[Path]) -> None:
         raise StageError(f"--show {out}: {out.parent} is a file, not a folder")
     if out.is_dir():
         raise StageError(f"--show {out} is a folder; give a file in it, e.g. {out / 'predict.png'}")
+    from matplotlib.backend_bases import FigureCanvasBase
+
     if out.suffix.lower().lstrip(".") not in FigureCanvasBase.get_supported_filetypes():
         raise StageError(f"--show {out}: give a picture file name ending in .png, .jpg, .pdf or .svg")
 
@@ -64,7 +62,7 @@ def main() -> None:
         inputs.append((path, images.thumbnail(gray) if args.show else None, seen))
     if inputs:
         model, card = serving.load(args.model)
-        outputs = model.predict(np.stack([seen for _, _, seen in inputs]), verbose=0)
+        outputs = model.predict(np.stack([seen for _, _, seen in inputs]))
         meaning = card["output"]["meaning"]
         results = [
             {
@@ -92,6 +90,11 @@ def main() -> None:
 
 def show(inputs: list[tuple[Path, np.ndarray, np.ndarray]], outputs: np.ndarray, meaning: str, out: Path) -> None:
     """One row per image: the file as read, the 28x28 the model saw, and its ten outputs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(len(inputs), 3, figsize=(9, 2.4 * len(inputs)), squeeze=False)
     for (path, gray, seen), values, (ax_in, ax_seen, ax_bar) in zip(inputs, outputs, axes, strict=True):
         ax_in.imshow(gray, cmap="gray", vmin=0, vmax=255)

@@ -1,7 +1,8 @@
 """Compare experiments: `dvc.api.exp_show()` -> reports/compare.md and reports/compare.png.
 
 The table lists every experiment of the current commit (and the commit itself): loss,
-optimizer, learning rate, epochs, test accuracy, test loss and macro F1, best accuracy first.
+optimizer, learning rate, epochs, test accuracy, test log loss (one scale for every loss) and macro F1,
+best accuracy first.
 The picture overlays the per-epoch validation loss and validation accuracy of each
 experiment (colour = loss, line style = optimizer), read from the curves each experiment
 recorded (DVC-cached outputs, read with `dvc.api.read`). With `--readme docs/sweep.md` the table
@@ -85,14 +86,14 @@ class Experiment:
             "lr": _number(lr),
             "epochs": self.train_summary.get("epochs_run"),
             "test accuracy": self.value("test.accuracy"),
-            "test loss": self.value("test.loss"),
+            "test log loss": self.value("test.log_loss"),
             "macro F1": self.scores.get("f1_macro"),
         }
         value = values[column]
         return f"{value:.4f}" if isinstance(value, float) and column != "lr" else str(value)
 
 
-COLUMNS = ("experiment", "loss", "optimizer", "lr", "epochs", "test accuracy", "test loss", "macro F1")
+COLUMNS = ("experiment", "loss", "optimizer", "lr", "epochs", "test accuracy", "test log loss", "macro F1")
 
 
 def _number(value: Any) -> Any:

@@ -8,7 +8,7 @@ per-epoch loss/accuracy curves (train and validation) and a summary with the las
 saved one (the epoch whose weights the model ends with). Seeded and deterministic on CPU: the same params give the
 same bytes; the training time goes to the log line and to git-ignored `metrics/timings.json`.
 What it saves stands on its own (`stages.lib.serving`): raw uint8 images in, probabilities
-out, with its card (`models/model.json`) and a SavedModel beside it.
+out, as a LiteRT flatbuffer, a Keras file and a SavedModel, with its card (`models/model.json`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import tensorflow as tf
 from dvclive import Live
 from dvclive.keras import DVCLiveCallback
 
-from stages.lib import atomic, datasets, engine, params, registry, runner, serving
+from stages.lib import atomic, datasets, engine, export, params, registry, runner, serving
 from stages.lib.errors import StageError
 from stages.lib.gradient_stats import GradientStats
 
@@ -139,6 +139,8 @@ def main() -> None:
     p = params.load()
     t = p.train
     strategy, watch = configure(t)
+    if registry.keras_arguments(t):  # what check's signature test cannot judge: Keras' own first step
+        registry.trial(t)
     wiring = registry.head(t.loss, p.model.output_activation, t.from_logits)
     with strategy.scope():
         model, optimizer = build_model(p.model, wiring), build_optimizer(t)
@@ -180,8 +182,8 @@ def main() -> None:
             live.summary["epochs_run"] = len(history["loss"])
             live.summary["saved"] = {"epoch": saved + 1, **{k: v[saved] for k, v in history.items()}}
         stats = json.loads(STATS.read_text())
-        shipped = serving.standalone(model, stats, t, wiring, optimizer)
-        serving.save(shipped, model_dir, serving.card(t.loss, wiring, stats))
+        shipped = export.standalone(model, stats, t, wiring, optimizer)
+        export.save(shipped, model_dir, serving.card(t.loss, wiring, stats))
         params.check_unchanged(p, "model", "train")  # before the outputs move into place
 
     # Timings differ from run to run: they stay out of the tracked outputs (same params, same bytes).

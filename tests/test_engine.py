@@ -188,7 +188,11 @@ def test_mixed_precision_trains_and_ships_float32_probabilities(project: Path, s
     run([PYTHON, "-m", "stages.train"], project)
     model = keras.saving.load_model(project / "models/model.keras")
     dense = [layer.dtype_policy.name for layer in model.layers if isinstance(layer, keras.layers.Dense)]
-    assert dense == ["mixed_bfloat16", "float32"]  # computed in bfloat16 on a CPU, the output layer in float32
+    # trained in bfloat16 on a CPU (the loop's arithmetic); shipped computing in float32 from the same float32
+    # weights, so that the Keras file, the SavedModel and the LiteRT model (no bfloat16 kernels) agree
+    assert dense == ["float32", "float32"]
+    summary = json.loads((project / "metrics/train/metrics.json").read_text())
+    assert summary["saved"]["accuracy"] > 0.7  # it did train, in bfloat16
     probabilities = model.predict((small["x_test"] * 255).round().astype("uint8"), verbose=0)
     assert probabilities.dtype == np.float32
     np.testing.assert_allclose(probabilities.sum(axis=1), 1, atol=1e-3)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.lib import images, params, registry, serving
+from stages.lib import export, images, params, registry, serving
 from stages.lib.errors import StageError
 from tests.digits import (
     TWISTS,
@@ -82,7 +82,7 @@ def test_untouched_28x28_originals_give_exactly_the_pipelines_outputs(trained: P
         files.append(tmp_path / f"orig{i}.png")
     result = predict_json(trained, files)
     model, _ = serving.load(trained / "models")
-    expected = model.predict(x[:50], verbose=0)
+    expected = model.predict(x[:50])
     got = np.array([p["outputs"] for p in result["predictions"]])
     np.testing.assert_allclose(got, expected, atol=1e-6)
     assert [p["digit"] for p in result["predictions"]] == expected.argmax(axis=1).tolist()
@@ -106,7 +106,7 @@ def test_the_saved_model_needs_nothing_but_keras(trained: Path, tmp_path: Path) 
     assert standalone.shape == (100, 10)
     np.testing.assert_allclose(standalone.sum(axis=1), 1, atol=1e-5)
     model, _ = serving.load(trained / "models")
-    np.testing.assert_allclose(standalone, model.predict(x[:100], verbose=0), atol=1e-6)
+    np.testing.assert_allclose(standalone, model.predict(x[:100]), atol=1e-6)
 
 
 @pytest.mark.slow
@@ -116,7 +116,7 @@ def test_the_savedmodel_serves_the_same_probabilities(trained: Path) -> None:
     x, _ = raw_test_split(trained)
     served = tf.saved_model.load(str(trained / "models/saved_model"))
     model, _ = serving.load(trained / "models")
-    np.testing.assert_allclose(served.serve(tf.constant(x[:64])).numpy(), model.predict(x[:64], verbose=0), atol=1e-6)
+    np.testing.assert_allclose(served.serve(tf.constant(x[:64])).numpy(), model.predict(x[:64]), atol=1e-6)
     assert "serving_default" in served.signatures
 
 
@@ -176,7 +176,7 @@ def test_bad_inputs_are_one_line_each_and_exit_2(trained: Path, tmp_path: Path) 
     missing_model = run([PYTHON, "-m", "stages.predict", str(good), "--model", str(tmp_path)], trained, check=False)
     assert missing_model.returncode == 2
     assert missing_model.stderr.strip().splitlines()[-1] == (
-        f"error: {tmp_path / 'model.keras'} not found; train a model first (dvc repro), or fetch one (dvc pull)"
+        f"error: {tmp_path / 'model.tflite'} not found; train a model first (dvc repro), or fetch one (dvc pull)"
     )
 
 
@@ -457,18 +457,19 @@ def test_a_model_trained_on_logits_ships_probabilities(tmp_path: Path, small: di
     spec = registry.LOSSES["categorical_crossentropy"]
     core.fit(small["x_train"], registry.encode_labels(small["y_train"], spec), epochs=1, verbose=0)
     stats = {"method": "scale", "mean": 0.0, "std": 1.0}
-    shipped = serving.standalone(core, stats, p.train, wiring, optimizer)
-    serving.save(shipped, tmp_path / "models", serving.card("categorical_crossentropy", wiring, stats))
+    shipped = export.standalone(core, stats, p.train, wiring, optimizer)
+    export.save(shipped, tmp_path / "models", serving.card("categorical_crossentropy", wiring, stats))
 
     model, card = serving.load(tmp_path / "models")
     assert card["output"] == {"activation": "softmax", "meaning": "probabilities", "classes": list(range(10))}
     uint8 = np.rint(small["x_test"][:32] * 255).astype(np.uint8)
     logits = core.predict(uint8.astype(np.float32) / 255, verbose=0)
-    np.testing.assert_allclose(model.predict(uint8, verbose=0), keras.ops.softmax(logits).numpy(), atol=1e-5)
-    assert model.loss.get_config()["from_logits"] is False  # its compiled loss reads probabilities
-    first = (tmp_path / "models/model.keras").read_bytes()
-    serving.save(shipped, tmp_path / "again", serving.card("categorical_crossentropy", wiring, stats))
-    assert (tmp_path / "again/model.keras").read_bytes() == first  # same weights, same bytes
+    np.testing.assert_allclose(model.predict(uint8), keras.ops.softmax(logits).numpy(), atol=1e-5)
+    keras_model = keras.saving.load_model(tmp_path / "models/model.keras", safe_mode=True)
+    assert keras_model.loss.get_config()["from_logits"] is False  # its compiled loss reads probabilities
+    export.save(shipped, tmp_path / "again", serving.card("categorical_crossentropy", wiring, stats))
+    for name in ("model.keras", "model.tflite", "model.json"):  # same weights, same bytes
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "models" / name).read_bytes(), name
 
 
 # --- a model and a card that do not belong together, a model that holds code ---------------------
@@ -480,7 +481,7 @@ def tiny_shipped(folder: Path, *layers: keras.layers.Layer) -> Path:
     model.compile(loss="categorical_crossentropy")
     stats = {"method": "scale", "mean": 0.0, "std": 1.0}
     wiring = registry.head("categorical_crossentropy")
-    serving.save(model, folder, serving.card("categorical_crossentropy", wiring, stats))
+    export.save(model, folder, serving.card("categorical_crossentropy", wiring, stats))
     return folder
 
 
@@ -488,19 +489,49 @@ def test_a_card_from_another_model_is_one_line(tmp_path: Path) -> None:
     one = tiny_shipped(tmp_path / "one", keras.layers.Dense(10, activation="softmax"))
     two = tiny_shipped(tmp_path / "two", keras.layers.Dense(10, activation="sigmoid"))
     (one / "model.json").write_bytes((two / "model.json").read_bytes())  # another run's card beside it
-    with pytest.raises(StageError, match=r"model.json describes another model than .*model.keras"):
+    with pytest.raises(StageError, match=r"model.json describes another model than .*model.tflite"):
         serving.load(one)
 
 
-def test_a_planted_model_with_code_is_refused_in_one_line(tmp_path: Path) -> None:
-    """A Lambda layer: safe_mode keeps its code from running, and the line says why the model was refused."""
-    folder = tmp_path / "models"
-    folder.mkdir()
-    model = keras.Sequential([keras.Input((28, 28), dtype="uint8"), keras.layers.Flatten()])
-    model.add(keras.layers.Lambda(lambda x: x[:, :10] * 0 + 1.0))
-    model.save(folder / "model.keras")
-    card = serving.card("categorical_crossentropy", registry.head("categorical_crossentropy"), {"mean": 0, "std": 1})
-    card["model_sha256"] = hashlib.sha256((folder / "model.keras").read_bytes()).hexdigest()  # the card matches
+def test_a_damaged_litert_model_whose_card_matches_is_one_line(tmp_path: Path) -> None:
+    """Not a flatbuffer at all (the card's sha256 made to match): LiteRT's refusal becomes one line."""
+    folder = tiny_shipped(tmp_path / "models", keras.layers.Dense(10, activation="softmax"))
+    (folder / "model.tflite").write_bytes(b"not a flatbuffer")
+    card = json.loads((folder / "model.json").read_text())
+    card["sha256"]["model.tflite"] = hashlib.sha256(b"not a flatbuffer").hexdigest()
     (folder / "model.json").write_text(json.dumps(card))
-    with pytest.raises(StageError, match=r"holds code \(a Lambda layer or a custom function\), and is refused"):
+    with pytest.raises(StageError, match=r"model.tflite: not a model LiteRT can read"):
         serving.load(folder)
+
+
+# --- evaluate, predict and check start without TensorFlow --------------------------------------------
+
+
+def imported(stderr: str) -> set[str]:
+    """Top-level packages named by `python -X importtime`'s lines."""
+    lines = [line for line in stderr.splitlines() if line.startswith("import time:")]
+    return {line.rsplit("|", 1)[1].strip().split(".")[0] for line in lines}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [["stages.evaluate"], ["stages.predict", "one.png"], ["stages.predict", "--help"]])
+def test_evaluate_and_predict_never_import_tensorflow_or_keras(trained: Path, command: list[str]) -> None:
+    x, _ = raw_test_split(trained)
+    Image.fromarray(x[0]).save(trained / "one.png")
+    proc = run([PYTHON, "-X", "importtime", "-m", *command], trained)
+    modules = imported(proc.stderr)
+    assert "stages" in modules and "numpy" in modules  # the list is real
+    assert not modules & {"tensorflow", "keras", "tf_keras", "jax", "torch"}, sorted(modules)
+    if command == ["stages.evaluate"]:
+        assert "ai_edge_litert" in modules
+
+
+@pytest.mark.slow
+def test_check_refuses_a_bad_keras_argument_in_one_line_without_importing_keras(project: Path) -> None:
+    write_params(project, {"train": {"optimizer": {"name": "sgd", "momentun": 0.9}}})
+    proc = run([PYTHON, "-X", "importtime", "-m", "stages.check"], project, check=False)
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: params.yaml: train.optimizer.momentun: not a parameter of optimizer 'sgd'")
+    assert "momentum" in lines[0]  # what is allowed
+    assert not imported(proc.stderr) & {"tensorflow", "keras"}

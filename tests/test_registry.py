@@ -161,8 +161,31 @@ def test_every_learning_rate_schedule_builds_from_params(schedule: dict) -> None
 def test_bad_schedule_arguments_are_clear() -> None:
     with pytest.raises(ParamError, match="train.lr_schedule.decay_step: not a parameter of schedule 'cosine_decay'"):
         registry.make_optimizer(make({"lr_schedule": {"name": "cosine_decay", "decay_step": 10}}).train)
-    with pytest.raises(ParamError, match="schedule 'exponential_decay' rejected these settings"):
-        registry.make_optimizer(make({"lr_schedule": {"name": "exponential_decay"}}).train)
+    with pytest.raises(ParamError, match="train.lr_schedule.decay_steps: required by schedule 'exponential_decay'"):
+        make({"lr_schedule": {"name": "exponential_decay"}})  # refused by params (check), without Keras
+    with pytest.raises(ParamError, match="schedule 'exponential_decay' rejected these settings"):  # by Keras
+        registry.make_optimizer(
+            make({"lr_schedule": {"name": "exponential_decay", "decay_steps": 0, "decay_rate": 1}}).train
+        )
+
+
+def keras_classes() -> list[tuple[str, str, type]]:
+    """(kind, class name, class) for every loss, optimizer and schedule the registry offers."""
+    losses = [("loss", s.keras_class, getattr(keras.losses, s.keras_class)) for s in registry.LOSSES.values()]
+    optimizers = [("optimizer", c.__name__, c) for c in registry.optimizer_classes(keras).values()]
+    schedules = [("schedule", n, getattr(keras.optimizers.schedules, n)) for n in registry.LR_SCHEDULES.values()]
+    return losses + optimizers + schedules
+
+
+@pytest.mark.parametrize(("kind", "name", "cls"), keras_classes(), ids=lambda v: v if isinstance(v, str) else "")
+def test_signatures_read_from_the_keras_source_are_the_imported_classes_own(kind: str, name: str, cls: type) -> None:
+    """What check judges by (no Keras import) is exactly what Keras' constructors take."""
+    imported = {
+        p.name: registry.REQUIRED if p.default is p.empty else p.default
+        for p in list(inspect.signature(cls.__init__).parameters.values())[1:]
+        if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    }
+    assert registry._accepted(kind, name, set()) == imported
 
 
 def test_loss_arguments_are_checked_against_the_loss() -> None:
@@ -197,3 +220,27 @@ def test_every_output_activation_trains_with_a_loss_that_takes_it(activation: st
     p = params.parse({"model": {"output_activation": activation}, "train": {"loss": loss}})
     _, scores, _ = fit_one_epoch(p, {k: v[:128] for k, v in small.items()})
     assert np.isfinite(scores["loss"])
+
+
+@pytest.mark.parametrize(("kind", "name", "cls"), keras_classes(), ids=lambda v: v if isinstance(v, str) else "")
+def test_the_types_read_from_keras_docstrings_agree_with_the_defaults(kind: str, name: str, cls: type) -> None:
+    """check takes a type from Keras' docstring where the default (None) shows none; where both exist,
+    they must agree, or the reading is wrong."""
+    documented = registry._documented_types(kind, name)
+    python_types = {"bool": (bool,), "str": (str,), "number": (int, float), "list": (list, tuple)}
+    for argument, default in registry._accepted(kind, name, set()).items():
+        if argument in documented and default not in (None, registry.REQUIRED):
+            assert isinstance(default, python_types[documented[argument]]), (argument, default, documented[argument])
+            assert isinstance(default, bool) == (documented[argument] == "bool"), (argument, default)
+    if kind == "optimizer":  # the base class's arguments, documented once for every optimizer
+        assert {documented[a] for a in ("clipnorm", "weight_decay", "gradient_accumulation_steps")} == {"number"}
+
+
+def test_a_wrong_type_where_keras_defaults_to_none_is_refused_by_params() -> None:
+    for optimizer, key in [
+        ({"name": "adam", "clipnorm": "abc"}, "clipnorm"),
+        ({"name": "muon", "exclude_layers": "x"}, "exclude_layers"),
+    ]:
+        with pytest.raises(ParamError, match=f"train.optimizer.{key}: expected a"):
+            make({"optimizer": optimizer})
+    make({"optimizer": {"name": "adam", "clipnorm": 1}})  # an integer is a number

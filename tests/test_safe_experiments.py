@@ -40,7 +40,7 @@ def repo(tmp_path: Path) -> Path:
         ("+train.epoch=20", "error: params.yaml: train.epoch: unknown key; did you mean 'epochs'?"),
         ("+model.hidden_unit=[64]", "error: params.yaml: model.hidden_unit: unknown key; did you mean 'hidden_units'?"),
         ("+train.optimizer.foo=1", "error: params.yaml: train.optimizer.foo: not a parameter of optimizer 'adam'"),
-        ("+train.optimizer.clipnorm=abc", "error: params.yaml: train.optimizer: Keras refused these settings"),
+        ("+train.optimizer.clipnorm=abc", "error: params.yaml: train.optimizer.clipnorm: expected a number, got 'abc'"),
         ("train.seed=-1", "error: params.yaml: train.seed: must be >= 0, got -1"),
         ("train.from_logits=yes", "error: params.yaml: train.from_logits: expected true or false, got 'yes'"),
     ],

@@ -148,7 +148,7 @@ def test_an_integer_learning_rate_is_a_number(small: dict) -> None:
         p = params.parse({"train": {"optimizer": optimizer}})
         built = registry.make_optimizer(p.train)
         assert float(built.learning_rate) == 1.0
-        registry.trial(p.train)  # check's one-step trial (run when another option is present) accepts it too
+        registry.trial(p.train)  # train's one-step trial (run when another option is present) accepts it too
 
 
 def test_mixed_precision_with_logits_ships_float32_probabilities(project_copy: Path) -> None:

@@ -7,8 +7,8 @@ declared once in the models below; pydantic checks them strictly (`true` is not 
 an integer) and refuses unknown keys. `load()` returns frozen models or raises `ParamError` naming
 the dotted key and what is allowed (`_first_error` turns pydantic's error into that one line, with
 a "did you mean" for a misspelt key or choice). Rules that join several keys follow the types
-(`_check_combinations`). The optimizer's, schedule's and loss's own keyword arguments are judged by
-the real Keras constructors and a one-step trial (`stages.lib.registry`, run by `check`).
+(`_check_combinations`), and so does every keyword argument for a Keras constructor: checked
+against its signature in the installed Keras' source (`registry.check_arguments`, no Keras import).
 TensorFlow-free, so download and normalize import it too.
 """
 
@@ -322,6 +322,7 @@ def _check_combinations(p: Params) -> None:
         raise ParamError("train.lr_schedule", "has settings but name is 'none'; pick a schedule or drop them")
     registry.check_combination(t.loss, p.model.output_activation, t.from_logits)
     registry.check_effect(t)
+    registry.check_arguments(t)
     if t.early_stopping.enabled and t.early_stopping.monitor.startswith("val_") and t.validation_split == 0:
         raise ParamError(
             "train.early_stopping.monitor",

@@ -8,23 +8,29 @@ the outputs against the true class), whatever the loss; one-vs-rest losses addit
 report `binary_accuracy`, under that name, never as "accuracy".
 
 Importing this module is cheap (numpy only), so `params` can take its names as the schema's
-choices without TensorFlow. The `make_*` functions import Keras when called (check's trial,
-train, evaluate), check every user keyword against the real constructor's signature and let the
-constructor judge its values; `trial` takes one training step with them (stage `check`), which
-catches what only training reveals. Raises ParamError naming the key.
+choices without TensorFlow. Every keyword a user passes a Keras constructor is checked against
+that constructor's signature as the installed Keras' source declares it (`check_arguments`, read
+with `ast`, no Keras import: stage `check` answers at once). The `make_*` functions import Keras
+when called (train only) and let the constructor judge the values; `trial` takes one training
+step with them first, which catches what only training reveals. Raises ParamError naming the key.
 """
 
 from __future__ import annotations
 
+import ast
+import functools
+import importlib.util
 import inspect
+import re
 import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from stages.lib.errors import ParamError
+from stages.lib.errors import ParamError, StageError
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -160,20 +166,106 @@ def encode_labels(y: np.ndarray, spec: LossSpec) -> np.ndarray:
     return np.eye(NUM_CLASSES, dtype=np.float32)[y]
 
 
-def _accepted(cls: type, exclude: set[str]) -> dict[str, inspect.Parameter]:
-    """Keyword parameters of `cls.__init__`, without self/**kwargs/excluded names."""
-    params = inspect.signature(cls.__init__).parameters.values()
-    return {
-        p.name: p
-        for p in params
-        if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name not in exclude
-    }
+REQUIRED = object()  # a constructor parameter without a default value
+_SOURCES = {"loss": "losses", "optimizer": "optimizers", "schedule": "optimizers/schedules"}
+
+
+def _source_folder(kind: str) -> Path:
+    """The installed Keras' source folder of a kind of class, found without importing Keras."""
+    spec = importlib.util.find_spec("keras")
+    if spec is None or not spec.submodule_search_locations:
+        raise ParamError("train", "Keras is not installed in this environment; run `make setup`")
+    return Path(next(iter(spec.submodule_search_locations))) / "src" / _SOURCES[kind]
+
+
+@functools.cache
+def _keras_classes(kind: str) -> dict[str, ast.ClassDef]:
+    """Every class the installed Keras defines in `keras/src/<folder>/*.py` (tests aside), by name.
+
+    Read from the source with `ast`, not imported: importing Keras starts TensorFlow (seconds,
+    700 MB), and `check` must answer at once. The installed version's own source, so the
+    signatures are always those of the Keras that trains (tests/test_registry.py compares them
+    with `inspect.signature` of the imported classes).
+    """
+    classes = {}
+    for path in sorted(_source_folder(kind).glob("*.py")):
+        if not path.name.endswith("_test.py"):
+            classes.update((n.name, n) for n in ast.parse(path.read_bytes()).body if isinstance(n, ast.ClassDef))
+    return classes
+
+
+def _literal(node: ast.expr | None) -> Any:
+    if node is None:
+        return REQUIRED
+    try:
+        return ast.literal_eval(node)
+    except ValueError:  # an expression, not a constant: no type to compare with
+        return None
+
+
+def _accepted(kind: str, class_name: str, exclude: set[str]) -> dict[str, Any]:
+    """Keyword parameters of the Keras class's `__init__` -> default (`REQUIRED` for none), from its source.
+
+    Without self, *args, **kwargs and `exclude`; a class without its own `__init__` takes its
+    base's. Raises KeyError for a class the installed Keras does not define there.
+    """
+    classes = _keras_classes(kind)
+    node = classes[class_name]
+    while not (init := next((f for f in node.body if isinstance(f, ast.FunctionDef) and f.name == "__init__"), None)):
+        node = classes[next(b.id if isinstance(b, ast.Name) else b.attr for b in node.bases)]
+    args = init.args
+    positional = args.posonlyargs + args.args
+    defaults = [None] * (len(positional) - len(args.defaults)) + list(args.defaults)
+    pairs = [*zip(positional, defaults, strict=True), *zip(args.kwonlyargs, args.kw_defaults, strict=True)]
+    return {arg.arg: _literal(default) for arg, default in pairs[1:] if arg.arg not in exclude}
+
+
+# How Keras' docstrings begin an argument's description -> the Python type it takes (first match wins).
+_DOCUMENTED = (
+    ("list", "list"),
+    ("bool", "bool"),
+    ("str", "str"),
+    ("float", "number"),
+    ("int", "number"),
+    ("number", "number"),
+)
+
+
+@functools.cache
+def _documented_types(kind: str, class_name: str) -> dict[str, str]:
+    """Argument -> type, from the class's docstring ("clipnorm: Float. If set, ...", "decay_steps: A
+    Python integer."), for the arguments whose default (None, or none) shows no type. An optimizer
+    also documents the base class's arguments (`base_optimizer_keyword_args`, one text for all)."""
+    texts = [ast.get_docstring(_keras_classes(kind)[class_name]) or ""]
+    if kind == "optimizer":
+        base = ast.parse((_source_folder(kind) / "base_optimizer.py").read_bytes())
+        texts += [
+            n.value.value
+            for n in base.body
+            if isinstance(n, ast.Assign)
+            and any(getattr(t, "id", "") == "base_optimizer_keyword_args" for t in n.targets)
+        ]
+    types = {}
+    for name, description in re.findall(r"^\s*(\w+): (?:An? )?(?:Python )?(\w+)", "\n".join(texts), re.M):
+        found = next((t for word, t in _DOCUMENTED if description.lower().startswith(word)), None)
+        if found:
+            types.setdefault(name, found)
+    return types
+
+
+_EXPECTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "number": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "list": (lambda v: isinstance(v, list), "a list"),
+}
 
 
 def _check_kwargs(
-    kwargs: Mapping[str, Any], accepted: dict[str, inspect.Parameter], key: str, what: str
+    kwargs: Mapping[str, Any], accepted: dict[str, Any], documented: dict[str, str], key: str, what: str
 ) -> dict[str, Any]:
-    """Unknown keys, and values of another type than the constructor's (bool, number, str) default.
+    """Unknown keys, missing required ones, and values of another type than the constructor's default
+    (bool, number, str) or, where the default shows none (None, or no default), than its docstring says.
 
     Returns the arguments with an integer made a float where the default is a float: YAML's `1`
     (what `dvc exp run -S learning_rate=1` writes) is a number, and Keras wants a float there.
@@ -183,19 +275,21 @@ def _check_kwargs(
     for name, value in kwargs.items():
         if name not in accepted:
             raise ParamError(f"{key}.{name}", f"not a parameter of {what}; accepted: {names}")
-        default = accepted[name].default
+        default = accepted[name]
         if isinstance(default, bool):
-            ok, expected = isinstance(value, bool), "true or false"
+            kind = "bool"
         elif isinstance(default, (int, float)):
-            ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+            kind = "number"
         elif isinstance(default, str):
-            ok, expected = isinstance(value, str), "a string"
-        else:  # no default, or None: structured values (lists, layers) that Keras checks itself
-            ok, expected = True, ""
-        if not ok:
-            raise ParamError(f"{key}.{name}", f"expected {expected}, got {value!r}")
-        # not a bool here: refused above
+            kind = "str"
+        else:  # None or none: what Keras' docstring says it takes (else Keras checks it while training)
+            kind = documented.get(name, "")
+        if kind and not _EXPECTED[kind][0](value):
+            raise ParamError(f"{key}.{name}", f"expected {_EXPECTED[kind][1]}, got {value!r}")
         checked[name] = float(value) if isinstance(default, float) and isinstance(value, int) else value
+    missing = [name for name, default in accepted.items() if default is REQUIRED and name not in checked]
+    if missing:
+        raise ParamError(f"{key}.{missing[0]}", f"required by {what}; add it (it has no default)")
     return checked
 
 
@@ -245,6 +339,54 @@ def _construct(cls: type, kwargs: Mapping[str, Any], key: str, what: str) -> Any
         raise ParamError(key, f"{what} rejected these settings: {exc}") from exc
 
 
+def loss_kwargs(train: TrainParams, *, from_logits: bool) -> dict[str, Any]:
+    """`train.loss_args` checked against the loss's constructor (no Keras import), with `from_logits`."""
+    spec = LOSSES[train.loss]
+    for name in train.loss_args:
+        if name in _RESERVED_LOSS_ARGS:
+            where = _RESERVED_LOSS_ARGS[name]
+            raise ParamError(f"train.loss_args.{name}", f"set {where} instead" if where else "cannot be set here")
+    accepted = _accepted("loss", spec.keras_class, set(_RESERVED_LOSS_ARGS))
+    documented = _documented_types("loss", spec.keras_class)
+    kwargs = _check_kwargs(train.loss_args, accepted, documented, "train.loss_args", f"loss '{train.loss}'")
+    return {**kwargs, "from_logits": from_logits} if spec.from_logits else kwargs
+
+
+def optimizer_kwargs(train: TrainParams) -> dict[str, Any]:
+    """`train.optimizer`'s arguments checked against the optimizer's constructor (no Keras import)."""
+    opt = train.optimizer
+    class_name = next(name for name in _keras_classes("optimizer") if name.lower() == opt.name)
+    accepted, documented = _accepted("optimizer", class_name, {"name"}), _documented_types("optimizer", class_name)
+    return _check_kwargs(opt.kwargs, accepted, documented, "train.optimizer", f"optimizer '{opt.name}'")
+
+
+def schedule_kwargs(train: TrainParams) -> dict[str, Any]:
+    """`train.lr_schedule`'s arguments checked against the schedule's constructor (no Keras import);
+    its initial learning rate is the optimizer's when not given."""
+    sched = train.lr_schedule
+    accepted = _accepted("schedule", LR_SCHEDULES[sched.name], {"name"})
+    documented = _documented_types("schedule", LR_SCHEDULES[sched.name])
+    kwargs = dict(sched.kwargs)
+    if "initial_learning_rate" in accepted and "initial_learning_rate" not in kwargs:
+        kwargs["initial_learning_rate"] = float(train.optimizer.kwargs.get("learning_rate", 0.001))
+    return _check_kwargs(kwargs, accepted, documented, "train.lr_schedule", f"schedule '{sched.name}'")
+
+
+def check_arguments(train: TrainParams) -> None:
+    """Every argument params.yaml passes a Keras constructor, judged by that constructor's signature as the
+    installed Keras' source declares it: unknown names, missing required ones, wrong types. Raises ParamError.
+
+    Keras is not imported (stage `check` answers at once). What only Keras' first step can judge
+    (a value of the right type that it refuses) is `trial`'s, in `train`.
+    """
+    if train.loss_args:
+        loss_kwargs(train, from_logits=False)
+    if set(train.optimizer.kwargs) - {"learning_rate"}:
+        optimizer_kwargs(train)
+    if train.lr_schedule.name != "none":
+        schedule_kwargs(train)
+
+
 def make_loss(train: TrainParams, *, from_logits: bool) -> keras.losses.Loss:
     """The Keras loss for `train.loss` and `train.loss_args`, on logits or not (`Head.from_logits`).
 
@@ -252,18 +394,8 @@ def make_loss(train: TrainParams, *, from_logits: bool) -> keras.losses.Loss:
     """
     import keras
 
-    spec = LOSSES[train.loss]
-    cls = getattr(keras.losses, spec.keras_class)
-    for name in train.loss_args:
-        if name in _RESERVED_LOSS_ARGS:
-            where = _RESERVED_LOSS_ARGS[name]
-            raise ParamError(f"train.loss_args.{name}", f"set {where} instead" if where else "cannot be set here")
-    kwargs = _check_kwargs(
-        train.loss_args, _accepted(cls, set(_RESERVED_LOSS_ARGS)), "train.loss_args", f"loss '{train.loss}'"
-    )
-    if spec.from_logits:
-        kwargs["from_logits"] = from_logits
-    return _construct(cls, kwargs, "train.loss_args", f"loss '{train.loss}'")
+    cls = getattr(keras.losses, LOSSES[train.loss].keras_class)
+    return _construct(cls, loss_kwargs(train, from_logits=from_logits), "train.loss_args", f"loss '{train.loss}'")
 
 
 def make_metrics(train: TrainParams, *, from_logits: bool) -> list[keras.metrics.Metric]:
@@ -294,11 +426,10 @@ def make_optimizer(train: TrainParams) -> keras.optimizers.Optimizer:
     import keras
 
     opt = train.optimizer
-    cls = optimizer_classes(keras)[opt.name]
-    kwargs = _check_kwargs(opt.kwargs, _accepted(cls, {"name"}), "train.optimizer", f"optimizer '{opt.name}'")
+    kwargs = optimizer_kwargs(train)
     if train.lr_schedule.name != "none":
         kwargs["learning_rate"] = make_schedule(train)
-    return _construct(cls, kwargs, "train.optimizer", f"optimizer '{opt.name}'")
+    return _construct(optimizer_classes(keras)[opt.name], kwargs, "train.optimizer", f"optimizer '{opt.name}'")
 
 
 def make_schedule(train: TrainParams) -> keras.optimizers.schedules.LearningRateSchedule:
@@ -307,12 +438,7 @@ def make_schedule(train: TrainParams) -> keras.optimizers.schedules.LearningRate
 
     sched = train.lr_schedule
     cls = getattr(keras.optimizers.schedules, LR_SCHEDULES[sched.name])
-    accepted = _accepted(cls, {"name"})
-    kwargs = dict(sched.kwargs)
-    if "initial_learning_rate" in accepted and "initial_learning_rate" not in kwargs:
-        kwargs["initial_learning_rate"] = float(train.optimizer.kwargs.get("learning_rate", 0.001))
-    kwargs = _check_kwargs(kwargs, accepted, "train.lr_schedule", f"schedule '{sched.name}'")
-    return _construct(cls, kwargs, "train.lr_schedule", f"schedule '{sched.name}'")
+    return _construct(cls, schedule_kwargs(train), "train.lr_schedule", f"schedule '{sched.name}'")
 
 
 def keras_arguments(train: TrainParams) -> list[str]:
@@ -327,23 +453,27 @@ def keras_arguments(train: TrainParams) -> list[str]:
 
 
 def trial(train: TrainParams) -> None:
-    """Build the loss, optimizer and schedule and take one training step on a toy model.
+    """Build the loss, optimizer and schedule and take one training step on a toy model (in `train`,
+    before the real model is built).
 
     Catches what a signature check cannot: a value of the right type that Keras refuses only
     once it trains (a list where a number belongs, a schedule argument out of range, ...).
+    Raises StageError naming the keys: under DVC, train's outputs are gone by then, and the
+    runner's line says how to restore them.
     """
     import keras
 
     wiring = head(train.loss, from_logits=train.from_logits)
-    optimizer = make_optimizer(train)
-    loss = make_loss(train, from_logits=wiring.from_logits)
-    metrics = make_metrics(train, from_logits=wiring.from_logits)
-    spec = LOSSES[train.loss]
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(NUM_CLASSES, activation=wiring.activation)])
     keys = ", ".join(keras_arguments(train)) or "train"
     try:
+        optimizer = make_optimizer(train)
+        loss = make_loss(train, from_logits=wiring.from_logits)
+        metrics = make_metrics(train, from_logits=wiring.from_logits)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(NUM_CLASSES, activation=wiring.activation)])
         model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
-        model.train_on_batch(np.zeros((2, 4), np.float32), encode_labels(np.array([0, 1]), spec))
+        model.train_on_batch(np.zeros((2, 4), np.float32), encode_labels(np.array([0, 1]), LOSSES[train.loss]))
+    except ParamError as exc:
+        raise StageError(str(exc)) from None
     except Exception as exc:  # Keras' own complaint, whatever its type
         message = " ".join(str(exc).split())[:300]
-        raise ParamError(keys, f"Keras refused these settings in a one-step trial: {message}") from None
+        raise StageError(f"params.yaml: {keys}: Keras refused these settings in a one-step trial: {message}") from None

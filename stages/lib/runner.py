@@ -1,7 +1,8 @@
 """Run a stage or command: one readable line and a non-zero exit for every failure, wherever it runs.
 
-`run(main)` is every entry point's last line. It prints a `StageError` as `error: ...` (exit 2),
-under DVC followed by the command that restores the outputs DVC deleted (below),
+`run(main)` is every entry point's last line. A `main` that returns has written its outputs (and
+fsync'd them): the process exits at once, skipping interpreter teardown. It prints a `StageError`
+as `error: ...` (exit 2), under DVC followed by the command that restores the outputs DVC deleted (below),
 a file-system error on a user's path or a full disk the same way, Ctrl-C as one line (exit 130)
 and SIGTERM as one line (exit 143). Anything else is a bug: `internal error: ...` (exit 1), with
 the traceback when `STAGES_TRACEBACK=1`.
@@ -66,6 +67,7 @@ def run(main: Callable[[], None], *, writes_outputs: bool = True) -> None:
             module = getattr(sys.modules.get("__main__"), "__spec__", None)
             _only_one(module.name if module else Path(sys.argv[0]).stem)
         main()
+        _exit(0)  # succeeded: everything is written; no interpreter teardown
     except ParamError as exc:  # refused by check, before DVC deleted any other stage's outputs
         _fail(f"error: {exc}", 2)
     except StageError as exc:
@@ -129,7 +131,7 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     _end_children()
     atomic.abandon_all()
     what, status = SIGNALS[signal.Signals(signum)]
-    _fail(f"{what}: {_kept}" if _kept else what, status, now=True)
+    _fail(f"{what}: {_kept}" if _kept else what, status)
 
 
 _CHILDREN: list[int] = []  # the process that runs TensorFlow under `fork_watched`: it ends with this one
@@ -175,7 +177,7 @@ def fork_watched(seconds: float, line: str, outputs: tuple[Path, ...] = ()) -> C
     if not select.select([reader], [], [], seconds)[0]:  # neither a first step nor an exit
         if _stopping.acquire(blocking=False):
             _end_children()
-            _fail(_with_kept(f"error: {line}"), 2, now=True)
+            _fail(_with_kept(f"error: {line}"), 2)
     else:
         try:
             status = os.waitpid(pid, 0)[1]
@@ -187,8 +189,8 @@ def fork_watched(seconds: float, line: str, outputs: tuple[Path, ...] = ()) -> C
                 os._exit(code)
             _drop_child_writes()  # it is gone: reaped above
             why = " (out of memory? the kernel's OOM killer sends it)" if -code == signal.SIGKILL else ""
-            _fail(_with_kept(f"error: the process training the model was killed by {signal.Signals(-code).name}{why}"),
-                  2, now=True)  # fmt: skip
+            name = signal.Signals(-code).name
+            _fail(_with_kept(f"error: the process training the model was killed by {name}{why}"), 2)
     threading.Event().wait()  # a signal's handler (another thread) is ending this process
 
 
@@ -290,11 +292,16 @@ def _only_one(name: str) -> None:
 _HELD: list = []
 
 
-def _fail(line: str, status: int, now: bool = False) -> None:
-    """Print one line and exit; `now` skips interpreter teardown, which TensorFlow's threads can
-    crash when a signal stopped them mid-step (the outputs were already cleaned up above)."""
+def _fail(line: str, status: int) -> None:
+    """Print one line and exit."""
     print(" ".join(line.split()), file=sys.stderr, flush=True)
-    if now:
-        sys.stdout.flush()
-        os._exit(status)
-    sys.exit(status)
+    _exit(status)
+
+
+def _exit(status: int) -> None:
+    """Exit now, without interpreter teardown: TensorFlow's takes over a second, and its threads can
+    crash it when a signal stopped them mid-step. Every output is written, fsync'd and renamed
+    into place (`stages.lib.atomic`) or dropped before this is called; only the streams need a flush."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -317,7 +317,7 @@ def read_metrics(ref: str) -> dict:
     return {
         "experiment_ref": ref,
         "test_accuracy": test["accuracy"],
-        "test_loss": test["loss"],
+        "test_log_loss": test["log_loss"],
         "val_accuracy": summary["saved"]["val_accuracy"],
         "saved_epoch": summary["saved"]["epoch"],
         "val_curve": curve,

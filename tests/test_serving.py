@@ -1,0 +1,76 @@
+"""The LiteRT model that evaluate and predict run, held against the Keras model it was converted from.
+
+For a softmax model, a one-vs-rest sigmoid model (the tutorial's binary_crossentropy) and a model
+trained on logits: the same probabilities within 1e-5 on the test digits, the same predictions,
+and evaluate's log loss equal to scikit-learn's `log_loss` and, for softmax outputs, to Keras' own
+crossentropy of the same outputs. Also: the export is byte-reproducible, and the log loss of
+outputs that are not a distribution is taken of the distribution the README describes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from sklearn.metrics import log_loss
+
+from stages import train
+from stages.lib import export, params, registry, serving
+
+CASES = {
+    "softmax": {"loss": "sparse_categorical_crossentropy"},
+    "sigmoid": {"loss": "binary_crossentropy"},
+    "logits": {"loss": "categorical_crossentropy", "from_logits": True},
+}
+
+
+def shipped(folder: Path, section: dict, small: dict) -> tuple[keras.Model, np.ndarray, np.ndarray]:
+    """Train one epoch on the small sample as train does, export as train does: the Keras model shipped,
+    the uint8 test images and their labels."""
+    p = params.parse({"train": section})
+    wiring = registry.head(p.train.loss, from_logits=p.train.from_logits)
+    core = train.build_model(p.model, wiring)
+    optimizer = registry.make_optimizer(p.train)
+    core.compile(optimizer=optimizer, loss=registry.make_loss(p.train, from_logits=wiring.from_logits))
+    labels = registry.encode_labels(small["y_train"], registry.LOSSES[p.train.loss])
+    core.fit(small["x_train"], labels, epochs=1, verbose=0)
+    stats = {"method": "scale", "mean": 0.0, "std": 1.0}
+    model = export.standalone(core, stats, p.train, wiring, optimizer)
+    export.save(model, folder, serving.card(p.train.loss, wiring, stats))
+    return model, np.rint(small["x_test"] * 255).astype(np.uint8), small["y_test"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES)
+def test_litert_gives_keras_probabilities_predictions_and_log_loss(case: str, tmp_path: Path, small: dict) -> None:
+    model, x, y = shipped(tmp_path, CASES[case], small)
+    expected = model.predict(x, verbose=0)
+    litert, card = serving.load(tmp_path)
+    got = litert.predict(x, batch_size=64)  # several batches and a short last one
+    assert got.shape == (len(x), 10) and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert (got.argmax(axis=1) == expected.argmax(axis=1)).all()
+    assert card["sha256"]["model.tflite"] == serving.sha256(tmp_path / "model.tflite")
+
+    probabilities = serving.class_probabilities(got, card["output"]["activation"])
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1, atol=1e-12)
+    ours = log_loss(y, probabilities, labels=range(10))
+    if card["output"]["activation"] == "softmax":  # a distribution already: Keras' own crossentropy of it
+        keras_value = keras.losses.sparse_categorical_crossentropy(y, expected).numpy().mean()
+        assert ours == pytest.approx(float(keras_value), abs=1e-4)
+    else:  # one-vs-rest: each row's share of the ten sigmoids
+        shares = expected / expected.sum(axis=1, keepdims=True)
+        assert ours == pytest.approx(-np.log(shares[np.arange(len(y)), y]).mean(), abs=1e-4)
+
+
+def test_scores_become_a_distribution_by_softmax_and_sigmoids_by_their_share() -> None:
+    scores = np.array([[2.0, 0.0, -1.0, 0, 0, 0, 0, 0, 0, 0]], np.float32)
+    softmax = keras.ops.softmax(scores).numpy()
+    np.testing.assert_allclose(serving.class_probabilities(scores, "linear"), softmax, atol=1e-7)
+    sigmoids = np.full((1, 10), 0.1, np.float32)
+    sigmoids[0, 3] = 0.9
+    np.testing.assert_allclose(serving.class_probabilities(sigmoids, "sigmoid")[0, 3], 0.9 / 1.8, rtol=1e-6)
+    underflowed = np.zeros((1, 10), np.float32)  # ten sigmoids at 0 still make a distribution, not a NaN
+    np.testing.assert_allclose(serving.class_probabilities(underflowed, "sigmoid"), 0.1)
