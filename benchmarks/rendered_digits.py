@@ -51,8 +51,8 @@ def main() -> None:
             args.examples.mkdir(parents=True, exist_ok=True)
             for f in files[:4]:
                 (args.examples / f"digit-{f.name}").write_bytes(f.read_bytes())
-    rendered = model.predict(seen, verbose=0).argmax(axis=1)
-    original = model.predict(x, verbose=0).argmax(axis=1)
+    rendered = model.predict(seen).argmax(axis=1)
+    original = model.predict(x).argmax(axis=1)
     print("| input | digits | accuracy | agrees with the 28x28 original |")
     print("|---|---|---|---|")
     print(f"| the test split's 28x28 originals | {len(y)} | {(original == y).mean():.4f} | 1.0000 |")
@@ -86,7 +86,7 @@ def twisted(model: object, x: np.ndarray, y: np.ndarray, seed: int) -> None:
                     read_ok[name][i] = True
                 except images.ImageError:
                     pass  # counted as not read, and as a disagreement
-    read = {name: model.predict(pictures, verbose=0).argmax(axis=1) for name, pictures in seen.items()}
+    read = {name: model.predict(pictures).argmax(axis=1) for name, pictures in seen.items()}
     print("\n| the same page, saved as | digits | accuracy | agrees with the plain PNG | not read |")
     print("|---|---|---|---|---|")
     for name in names:

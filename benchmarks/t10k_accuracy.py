@@ -34,7 +34,7 @@ def main() -> None:
     datasets.validate({"x_train": x, "y_train": y, "x_test": x, "y_test": y}, None)
 
     model, _ = serving.load()  # raw uint8 images in, probabilities out
-    predicted = model.predict(x, batch_size=1024, verbose=0).argmax(axis=1)
+    predicted = model.predict(x, batch_size=1024).argmax(axis=1)
     own = json.loads(Path("metrics/eval.json").read_text())["test"]
     scores = json.loads(Path("metrics/eval/metrics.json").read_text())
     print("| test set | digits | accuracy | macro F1 |")
