@@ -91,6 +91,7 @@ bench: setup
 	$(BIN)/python benchmarks/rendered_digits.py
 	$(BIN)/python benchmarks/gradient_stats.py
 	$(RUN) $(BIN)/python benchmarks/study_cost.py
+	$(RUN) $(BIN)/python benchmarks/experiment_loop.py
 
 # 126 bad inputs and faults through dvc exp run / dvc repro, counted (about 20 minutes)
 probe: setup

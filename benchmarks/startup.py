@@ -1,4 +1,4 @@
-"""How much faster the numpy-only stages start than the TensorFlow ones.
+"""How much faster the stages that do not import TensorFlow start than train, the one that does.
 
 Times `python -c "import stages.<name>"` for each stage, interleaved, several rounds, and prints
 the medians and the ratio to `train` (measured in the same run, so machine noise cancels out).
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("download", "normalize", "train", "evaluate", "report")
+STAGES = ("check", "download", "normalize", "train", "evaluate", "predict", "report")
 
 
 def import_seconds(stage: str) -> float:

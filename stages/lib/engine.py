@@ -96,10 +96,12 @@ class Loop:
             self.train_metrics = [keras.metrics.Mean(name="loss"), *make_metrics()]
         self.val_metrics = [keras.metrics.Mean(name="loss"), *make_metrics()]
         one_replica = strategy.num_replicas_in_sync == 1
-        self._run_steps = tf.function(self._steps, jit_compile=jit_compile and one_replica)
+        # autograph=False: nothing here is Python control flow on tensors (the loop is tf.while_loop),
+        # and AutoGraph's source transformation took half a second of every run's tracing
+        self._run_steps = tf.function(self._steps, jit_compile=jit_compile and one_replica, autograph=False)
         # the partial last batch and validation run once an epoch: not worth an XLA compilation each
-        self._run_tail = tf.function(self._steps)
-        self._evaluate = tf.function(self._eval_batch)
+        self._run_tail = tf.function(self._steps, autograph=False)
+        self._evaluate = tf.function(self._eval_batch, autograph=False)
 
     def _replica_step(self, x: tf.Tensor, y: tf.Tensor, rows: tf.Tensor) -> None:
         """One update on this replica's share of a global batch (`rows`: its indices into x, y)."""
@@ -127,10 +129,13 @@ class Loop:
 
     def _steps(self, x: tf.Tensor, y: tf.Tensor, batches: tf.Tensor, first: tf.Tensor, count: tf.Tensor) -> None:
         """Rows `first` to `first + count - 1` of `batches` (int32, one global batch of indices a row)."""
-        i = first
-        while i < first + count:  # not `tf.range`: XLA would compile once per distinct (first, count)
+
+        def step(i: tf.Tensor) -> tf.Tensor:
             self.strategy.run(self._replica_step, args=(x, y, batches[i]))
-            i += 1
+            return i + 1
+
+        # tensors `first` and `count`, not Python ints: XLA compiles once, not once per distinct (first, count)
+        tf.while_loop(lambda i: i < first + count, step, [first])
 
     def _eval_batch(self, x: tf.Tensor, y: tf.Tensor) -> None:
         predictions = self.model(x, training=False)
