@@ -1,12 +1,37 @@
-"""The pipeline's stages and commands, one module each: `python -m stages.<name>` (see dvc.yaml)."""
+"""The pipeline's stages and commands, one module each: `python -m stages.<name>` (see dvc.yaml).
+
+Before any stage imports TensorFlow, this pins what would let the machine or the environment
+change the arithmetic, so that the same params give the same bytes on every x86-64 machine with
+AVX2 and FMA (docs/training.md, "The same bytes on every machine"; tests/test_same_bytes.py):
+- oneDNN's graph rewrites off, whatever TF_ENABLE_ONEDNN_OPTS says (they also print a notice in
+  every process); the training loop is XLA-compiled either way.
+- XLA's own CPU code capped at AVX: XLA compiles for the CPU it runs on, and from AVX2 on it fuses
+  multiplies and adds (FMA), which round differently. Vector width changes nothing (an SSE4.2
+  cap gives the same bytes), FMA does.
+- oneDNN's matrix multiplication (Eigen's, under XLA's dot products) capped at AVX2: it picks its
+  kernels for the CPU at run time; AVX-512 machines then run the AVX2 + FMA kernels every such
+  machine has. Below AVX2 its kernels round differently: older CPUs get other bytes.
+A lower cap already in the environment is kept (that is how another machine is emulated).
+"""
 
 import os
+import platform
+import re
 import sys
 
-# TensorFlow's oneDNN kernels off, whatever the environment says: they print a notice in every
-# process that cannot be silenced otherwise, and with them the same params gave other model bytes
-# depending on TF_ENABLE_ONEDNN_OPTS (training speed is the same: the loop is XLA-compiled).
+
+def _cap(current: str | None, portable: str, lower: tuple[str, ...]) -> str:
+    """`portable`, unless the environment already caps lower."""
+    return current if current and current.upper() in lower else portable
+
+
 os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
+if platform.machine().lower() in ("x86_64", "amd64"):
+    _flags = os.environ.get("XLA_FLAGS", "")
+    _isa = _cap(next(iter(re.findall(r"--xla_cpu_max_isa=(\S+)", _flags)), None), "AVX", ("SSE4_2",))
+    _others = re.sub(r"--xla_cpu_max_isa=\S+", "", _flags).split()
+    os.environ["XLA_FLAGS"] = " ".join([*_others, f"--xla_cpu_max_isa={_isa}"])
+    os.environ["ONEDNN_MAX_CPU_ISA"] = _cap(os.environ.get("ONEDNN_MAX_CPU_ISA"), "AVX2", ("SSE41", "AVX"))
 # TensorFlow's C++ INFO and WARNING lines (CPU features, XLA's notes) out of the logs; its errors stay.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
