@@ -5,8 +5,9 @@ Same model (Flatten -> Dense(128, relu) -> Dense(10, sigmoid)), binary_crossentr
 
 1. speed: the marginal fit time of an epoch (fit time at 5 epochs minus at 1, over 4) on
    `--images` images tiled from the bundled sample's real digits, each run a fresh process,
-   the tutorial, the stage and the stage without XLA interleaved, `--rounds` times; medians
-   and the ratios to the tutorial;
+   the tutorial, the stage, the stage without its portable pins (XLA and oneDNN for this CPU)
+   and the stage without XLA interleaved, `--rounds` times; medians and the ratios to the
+   tutorial, and portable against host-native;
 2. accuracy: test accuracy on the bundled sample after 10 epochs, `--seeds` seeds each (the
    tutorial's script has no seed: each of its runs is a fresh draw), means and the difference;
 3. memory: the train stage's peak RSS on `--images` images (from the kernel, os.wait4);
@@ -61,15 +62,26 @@ def workdir(images: int | None, seed: int = 42) -> Path:
     return folder
 
 
-def run_stage(folder: Path, epochs: int, jit_compile: bool = True) -> dict[str, float]:
-    """Fit seconds and peak RSS (MB) of `python -m stages.train` in `folder`."""
+# The stage with `stages/__init__.py`'s portable pins undone, as it ran before them: XLA and oneDNN
+# compile and dispatch for this CPU, oneDNN's graph rewrites on (TensorFlow's default).
+HOST_NATIVE = (
+    "import os, runpy, stages\n"
+    "os.environ.update(XLA_FLAGS='', TF_ENABLE_ONEDNN_OPTS='1'); os.environ.pop('ONEDNN_MAX_CPU_ISA')\n"
+    "runpy.run_module('stages.train', run_name='__main__', alter_sys=True)\n"
+)
+
+
+def run_stage(folder: Path, epochs: int, jit_compile: bool = True, host_native: bool = False) -> dict[str, float]:
+    """Fit seconds and peak RSS (MB) of `python -m stages.train` in `folder` (`host_native`: without the
+    portable pins)."""
     yaml = YAML()
     config = yaml.load(folder / "params.yaml")
     config["train"]["epochs"] = epochs
     config["train"]["speed"]["jit_compile"] = jit_compile
     yaml.dump(config, folder / "params.yaml")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    proc = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=folder, env=env, stdout=subprocess.DEVNULL)
+    command = [sys.executable, "-c", HOST_NATIVE] if host_native else [sys.executable, "-m", "stages.train"]
+    proc = subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
@@ -131,7 +143,15 @@ def speed_part(big: Path, images: int, rounds: int) -> None:
     def without_xla(folder: Path, epochs: int) -> dict[str, float]:
         return run_stage(folder, epochs, jit_compile=False)
 
-    runs = {"tutorial model.fit": run_tutorial, "train stage": run_stage, "train stage, jit_compile false": without_xla}
+    def host_native(folder: Path, epochs: int) -> dict[str, float]:
+        return run_stage(folder, epochs, host_native=True)
+
+    runs = {
+        "tutorial model.fit": run_tutorial,
+        "train stage (portable: the default)": run_stage,
+        "train stage, host-native (before the portable pins)": host_native,
+        "train stage, jit_compile false": without_xla,
+    }
     speed: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(rounds):
         for name, run in runs.items():
@@ -141,6 +161,9 @@ def speed_part(big: Path, images: int, rounds: int) -> None:
     for name in runs:
         seconds = statistics.median(speed[name])
         print(f"{name}: {seconds:.3f} s   speed-up: {tutorial / seconds:.2f}x")
+    portable = statistics.median(speed["train stage (portable: the default)"])
+    native = statistics.median(speed["train stage, host-native (before the portable pins)"])
+    print(f"portable / host-native: {portable / native:.2f}x the time per epoch")
 
 
 def accuracy_part(seeds: int) -> None:

@@ -195,3 +195,19 @@ def test_params_edited_while_a_stage_ran_are_named(tmp_path: Path) -> None:
     with pytest.raises(StageError, match=r"params.yaml changed while this stage ran \(train.epochs\)"):
         params.check_unchanged(p, "model", "train", path=path)
     params.check_unchanged(p, "evaluate", path=path)  # another stage's section: not this stage's record
+
+
+def test_params_yaml_is_written_as_dvc_writes_it_so_a_set_changes_one_line(tmp_path: Path) -> None:
+    """`dvc exp run -S` rewrites params.yaml with DVC's own writer: only the value set may change."""
+    from dvc.utils.serialize import modify_yaml
+
+    original = (ROOT / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(original)
+    with modify_yaml(tmp_path / "params.yaml") as data:
+        data["train"]["epochs"] = 3
+    changed = [
+        (a, b)
+        for a, b in zip(original.splitlines(), (tmp_path / "params.yaml").read_text().splitlines(), strict=True)
+        if a != b
+    ]
+    assert changed == [("  epochs: 10", "  epochs: 3")], changed
