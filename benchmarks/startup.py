@@ -1,6 +1,7 @@
 """How much faster the stages that do not import TensorFlow start than train, the one that does.
 
-Times `python -c "import stages.<name>"` for each stage, interleaved, several rounds, and prints
+Times `python -c "import stages.<name>"` for each stage (ended with os._exit, as a stage ends:
+without interpreter teardown), interleaved, several rounds, and prints
 the medians and the ratio to `train` (measured in the same run, so machine noise cancels out).
 
     .venv/bin/python benchmarks/startup.py [--rounds 5]
@@ -21,7 +22,8 @@ STAGES = ("check", "download", "normalize", "train", "evaluate", "predict", "rep
 
 def import_seconds(stage: str) -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", f"import stages.{stage}"], cwd=ROOT, check=True, capture_output=True)
+    code = f"import os, stages.{stage}; os._exit(0)"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True)
     return time.perf_counter() - start
 
 

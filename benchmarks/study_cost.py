@@ -3,7 +3,8 @@ compilation, training, evaluation, DVC's own work, and the study's own bookkeepi
 run-cache saves on a revisit.
 
 In a fresh git + DVC copy of this project (default params, `dvc repro` once, committed):
-- start-up: `python -c "import stages.<name>"` for train and evaluate (median of 3);
+- start-up: `python -c "import stages.<name>"` for train and evaluate, ended as a stage ends
+  (os._exit, no interpreter teardown), median of 3;
 - the stages run by hand in the workspace (`python -m stages.train`, then `evaluate`): their wall
   time, and from `metrics/timings.json` the first epoch (compiles the loop) and the others;
 - `dvc exp run --temp` of new params, twice, each stage's span read from DVC's own output lines
@@ -67,8 +68,8 @@ def main() -> None:
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "dvc repro", "--allow-empty"], repo)
     py = sys.executable
-    startup = {s: statistics.median(wall([py, "-c", f"import stages.{s}"], repo) for _ in range(3)) for s in
-               ("train", "evaluate")}  # fmt: skip
+    imports = {s: [py, "-c", f"import os, stages.{s}; os._exit(0)"] for s in ("train", "evaluate")}
+    startup = {s: statistics.median(wall(cmd, repo) for _ in range(3)) for s, cmd in imports.items()}
     train_s = wall([py, "-m", "stages.train"], repo)
     timings = json.loads((repo / "metrics/timings.json").read_text())
     epochs = timings["epoch_s"]
@@ -102,7 +103,7 @@ def main() -> None:
     print(f"    training (10 epochs):    {fit_s:5.1f} s")
     print(f"    data, model, saving:     {train_s - startup['train'] - compile_s - fit_s:5.1f} s)")
     print(f"  evaluate stage:            {spans['evaluate']:5.1f} s   (by hand: {eval_s:.1f} s, of which:")
-    print(f"    start-up (LiteRT):       {startup['evaluate']:5.1f} s")
+    print(f"    start-up (no TensorFlow): {startup['evaluate']:4.1f} s")
     print(f"    loading, predicting, plots: {eval_s - startup['evaluate']:5.1f} s)")
     print(f"  DVC's own work:            {dvc_s:5.1f} s   (start-up, workspace copy, hashing, caching, commit)")
     print(f"study bookkeeping per run:   {read_s:5.1f} s   (reading its metrics back through DVC; Optuna: ms)")

@@ -262,7 +262,7 @@ _EXPECTED: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 
 def _check_kwargs(
-    kwargs: Mapping[str, Any], accepted: dict[str, Any], documented: dict[str, str], key: str, what: str
+    kwargs: Mapping[str, Any], kind: str, class_name: str, exclude: set[str], *, key: str, what: str
 ) -> dict[str, Any]:
     """Unknown keys, missing required ones, and values of another type than the constructor's default
     (bool, number, str) or, where the default shows none (None, or no default), than its docstring says.
@@ -270,6 +270,7 @@ def _check_kwargs(
     Returns the arguments with an integer made a float where the default is a float: YAML's `1`
     (what `dvc exp run -S learning_rate=1` writes) is a number, and Keras wants a float there.
     """
+    accepted, documented = _accepted(kind, class_name, exclude), _documented_types(kind, class_name)
     names = ", ".join(sorted(accepted))
     checked = {}
     for name, value in kwargs.items():
@@ -346,9 +347,8 @@ def loss_kwargs(train: TrainParams, *, from_logits: bool) -> dict[str, Any]:
         if name in _RESERVED_LOSS_ARGS:
             where = _RESERVED_LOSS_ARGS[name]
             raise ParamError(f"train.loss_args.{name}", f"set {where} instead" if where else "cannot be set here")
-    accepted = _accepted("loss", spec.keras_class, set(_RESERVED_LOSS_ARGS))
-    documented = _documented_types("loss", spec.keras_class)
-    kwargs = _check_kwargs(train.loss_args, accepted, documented, "train.loss_args", f"loss '{train.loss}'")
+    exclude, what = set(_RESERVED_LOSS_ARGS), f"loss '{train.loss}'"
+    kwargs = _check_kwargs(train.loss_args, "loss", spec.keras_class, exclude, key="train.loss_args", what=what)
     return {**kwargs, "from_logits": from_logits} if spec.from_logits else kwargs
 
 
@@ -356,20 +356,19 @@ def optimizer_kwargs(train: TrainParams) -> dict[str, Any]:
     """`train.optimizer`'s arguments checked against the optimizer's constructor (no Keras import)."""
     opt = train.optimizer
     class_name = next(name for name in _keras_classes("optimizer") if name.lower() == opt.name)
-    accepted, documented = _accepted("optimizer", class_name, {"name"}), _documented_types("optimizer", class_name)
-    return _check_kwargs(opt.kwargs, accepted, documented, "train.optimizer", f"optimizer '{opt.name}'")
+    what = f"optimizer '{opt.name}'"
+    return _check_kwargs(opt.kwargs, "optimizer", class_name, {"name"}, key="train.optimizer", what=what)
 
 
 def schedule_kwargs(train: TrainParams) -> dict[str, Any]:
     """`train.lr_schedule`'s arguments checked against the schedule's constructor (no Keras import);
     its initial learning rate is the optimizer's when not given."""
     sched = train.lr_schedule
-    accepted = _accepted("schedule", LR_SCHEDULES[sched.name], {"name"})
-    documented = _documented_types("schedule", LR_SCHEDULES[sched.name])
-    kwargs = dict(sched.kwargs)
-    if "initial_learning_rate" in accepted and "initial_learning_rate" not in kwargs:
+    class_name, kwargs = LR_SCHEDULES[sched.name], dict(sched.kwargs)
+    if "initial_learning_rate" in _accepted("schedule", class_name, set()) and "initial_learning_rate" not in kwargs:
         kwargs["initial_learning_rate"] = float(train.optimizer.kwargs.get("learning_rate", 0.001))
-    return _check_kwargs(kwargs, accepted, documented, "train.lr_schedule", f"schedule '{sched.name}'")
+    what = f"schedule '{sched.name}'"
+    return _check_kwargs(kwargs, "schedule", class_name, {"name"}, key="train.lr_schedule", what=what)
 
 
 def check_arguments(train: TrainParams) -> None:
