@@ -61,11 +61,15 @@ class ClusterDeadline(keras.callbacks.Callback):
 
 
 def configure(t: params.TrainParams) -> tuple[tf.distribute.Strategy, list[keras.callbacks.Callback]]:
-    """Threads, the distribution strategy, seeds, op determinism and the precision policy, in that order;
-    with the callbacks that watch the cluster (multi_worker only)."""
+    """Threads, the distribution strategy, Keras' one-step trial of the params' arguments, seeds, op
+    determinism and the precision policy, in that order; with the callbacks that watch the cluster
+    (multi_worker only). The trial (what check's signature test cannot judge: Keras' own first step)
+    runs before the seed is set, so the model's initial weights never depend on whether it ran."""
     engine.set_threads(t.speed.threads)
     watch = [ClusterDeadline(t.cluster_timeout_s)] if t.distribute == "multi_worker" else []
     strategy = engine.strategy_for(t.distribute)  # first: multi_worker must start before other ops
+    if registry.keras_arguments(t):
+        registry.trial(t)
     keras.utils.set_random_seed(t.seed)
     tf.config.experimental.enable_op_determinism()
     if t.mixed_precision:  # float16 where a GPU has fast float16; on a CPU bfloat16
@@ -139,8 +143,6 @@ def main() -> None:
     p = params.load()
     t = p.train
     strategy, watch = configure(t)
-    if registry.keras_arguments(t):  # what check's signature test cannot judge: Keras' own first step
-        registry.trial(t)
     wiring = registry.head(t.loss, p.model.output_activation, t.from_logits)
     with strategy.scope():
         model, optimizer = build_model(p.model, wiring), build_optimizer(t)

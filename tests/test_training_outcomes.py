@@ -171,3 +171,17 @@ def test_every_confusion_normalization_runs(project_copy: Path, normalize: str) 
     run([PYTHON, "-m", "stages.evaluate"], project_copy)
     png = (project_copy / "metrics/eval/confusion_matrix.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and json.loads((project_copy / "metrics/eval.json").read_text())["test"]
+
+
+def test_an_argument_set_to_its_default_trains_the_same_model(project_copy: Path) -> None:
+    """`momentum: 0.0` is SGD's default: train's one-step trial of the argument (run only when there is
+    one) must not move the seeded start, or the same math would give other weights."""
+    plain = {"train": {"epochs": 1, "optimizer": {"name": "sgd", "learning_rate": 0.1}}}
+    assert train(project_copy, plain)[0] == 0
+    without = model_bytes(project_copy)
+    spelled_out = {"train": {"epochs": 1, "optimizer": {"name": "sgd", "learning_rate": 0.1, "momentum": 0.0}}}
+    status, output = train(project_copy, spelled_out)
+    assert status == 0, output
+    # the LiteRT file holds the weights and the math; model.keras and the SavedModel also record the
+    # optimizer's arguments and TensorFlow's function counters, which the trial moves on
+    assert model_bytes(project_copy)["models/model.tflite"] == without["models/model.tflite"]

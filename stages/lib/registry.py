@@ -468,7 +468,9 @@ def trial(train: TrainParams) -> None:
         optimizer = make_optimizer(train)
         loss = make_loss(train, from_logits=wiring.from_logits)
         metrics = make_metrics(train, from_logits=wiring.from_logits)
-        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(NUM_CLASSES, activation=wiring.activation)])
+        # named, so that it takes none of the automatic names ("dense", "sequential") the real model gets
+        dense = keras.layers.Dense(NUM_CLASSES, activation=wiring.activation, name="trial_dense")
+        model = keras.Sequential([keras.Input((4,)), dense], name="trial")
         model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
         model.train_on_batch(np.zeros((2, 4), np.float32), encode_labels(np.array([0, 1]), LOSSES[train.loss]))
     except ParamError as exc:
