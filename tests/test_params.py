@@ -198,16 +198,14 @@ def test_params_edited_while_a_stage_ran_are_named(tmp_path: Path) -> None:
 
 
 def test_params_yaml_is_written_as_dvc_writes_it_so_a_set_changes_one_line(tmp_path: Path) -> None:
-    """`dvc exp run -S` rewrites params.yaml with DVC's own writer: only the value set may change."""
-    from dvc.utils.serialize import modify_yaml
+    """`dvc exp run -S` rewrites params.yaml through DVC's own Hydra overrides: only the values set may change."""
+    from dvc.utils.hydra import apply_overrides
 
     original = (ROOT / "params.yaml").read_text()
     (tmp_path / "params.yaml").write_text(original)
-    with modify_yaml(tmp_path / "params.yaml") as data:
-        data["train"]["epochs"] = 3
-    changed = [
-        (a, b)
-        for a, b in zip(original.splitlines(), (tmp_path / "params.yaml").read_text().splitlines(), strict=True)
-        if a != b
-    ]
-    assert changed == [("  epochs: 10", "  epochs: 3")], changed
+    apply_overrides(tmp_path / "params.yaml", ["train.epochs=3", "train.optimizer.learning_rate=0.01"])
+    rewritten = (tmp_path / "params.yaml").read_text().splitlines()
+    changed = [(a, b) for a, b in zip(original.splitlines(), rewritten, strict=True) if a != b]
+    assert changed == [("    learning_rate: 0.001", "    learning_rate: 0.01"), ("  epochs: 10", "  epochs: 3")], (
+        changed
+    )

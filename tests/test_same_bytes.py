@@ -26,6 +26,7 @@ EMULATED = {
     },
     "XLA's code at SSE4.2 (128-bit vectors, no FMA)": {"XLA_FLAGS": "--xla_cpu_max_isa=SSE4_2"},
     "oneDNN's AVX-512 kernels asked for": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"},
+    "a user's XLA_FLAGS asking for fast math": {"XLA_FLAGS": "--xla_cpu_enable_fast_math=true"},
 }
 
 

@@ -96,6 +96,8 @@ def load(folder: Path = MODEL_DIR) -> tuple[LiteRTModel, dict[str, Any]]:
     try:
         model_card = json.loads(card_path.read_text())
         recorded = model_card["sha256"][LITERT_FILE]
+        if model_card["output"]["activation"] not in OUTPUTS:
+            raise ValueError(f"unknown output activation {model_card['output']['activation']!r}")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise StageError(f"{card_path}: not a readable card ({exc!r}); `dvc checkout {folder}` or retrain") from None
     if recorded != sha256(path):
