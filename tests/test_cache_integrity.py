@@ -92,7 +92,8 @@ def test_an_experiment_whose_outputs_are_not_in_the_cache_fails_the_sweep_and_it
     (`stages.sweep.not_in_cache`) and the study reads each through `read_metrics`: both name what the
     cache lacks."""
     run(["dvc", "exp", "run", "--name", "short", "-S", "train.epochs=2"], pushed)
-    ref = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps/"], pushed).stdout.split()[0]
+    refs = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps/"], pushed).stdout.split()
+    (ref,) = [r for r in refs if r.endswith("/short")]  # not DVC's refs/exps/exec/EXEC_* beside it
     model = stored(pushed / ".dvc/cache/files/md5", pushed, "models/model.keras")
     model.unlink()
     named = run([*CHECK, "--rev", "short"], pushed, check=False)
