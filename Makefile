@@ -93,7 +93,7 @@ bench: setup
 	$(RUN) $(BIN)/python benchmarks/study_cost.py
 	$(RUN) $(BIN)/python benchmarks/experiment_loop.py
 
-# 126 bad inputs and faults through dvc exp run / dvc repro, counted (about 20 minutes)
+# 128 bad inputs and faults through dvc exp run / dvc repro, counted (about 10 minutes)
 probe: setup
 	$(RUN) $(BIN)/python benchmarks/probe_bad_inputs.py
 

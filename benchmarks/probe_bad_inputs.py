@@ -257,7 +257,7 @@ CASES += [
 ]
 CASES += [
     Case("params.yaml edit", "a duplicate section", edit(lambda t: t + "train:\n  epochs: 3\n")),
-    Case("params.yaml edit", "an unclosed bracket", edit(lambda t: t.replace("[128]", "[128"))),
+    Case("params.yaml edit", "an unclosed bracket", edit(lambda t: t.replace("  - 128\n", "  [128\n"))),
     Case("params.yaml edit", "a tab for indentation", edit(lambda t: t.replace("\n  epochs: 1\n", "\n\tepochs: 1\n"))),
     Case("params.yaml edit", "a list, not a mapping", edit(lambda t: "- data\n- train\n")),
     Case("params.yaml edit", "bytes that are not UTF-8", edit(lambda t: t + "# caf\udce9\n")),
