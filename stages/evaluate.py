@@ -61,8 +61,9 @@ def main() -> None:
         "f1_per_class": {str(c): score for c, score in zip(classes, f1, strict=True)},
         "n_test": len(y_true),
     }
-    if registry.LOSSES[card["loss"]].one_vs_rest:  # Keras' BinaryAccuracy: each of the ten outputs > 0.5
-        scores["binary_accuracy"] = ((outputs > 0.5) == (y_true[:, None] == np.arange(registry.NUM_CLASSES))).mean()
+    spec = registry.LOSSES[card["loss"]]
+    if spec.one_vs_rest:  # Keras' BinaryAccuracy: each of the ten outputs > 0.5, against the one-hot labels
+        scores["binary_accuracy"] = ((outputs > 0.5) == registry.encode_labels(y_true, spec)).mean()
 
     with atomic.target(PLOTS_DIR) as plots_dir:
         with Live(str(plots_dir), save_dvc_exp=False, dvcyaml=None) as live:
