@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -47,16 +48,48 @@ def check_show(out: Path, inputs: list[Path]) -> None:
         raise StageError(f"--show {out}: give a picture file name ending in .png, .jpg, .pdf or .svg")
 
 
+def shown(path: Path) -> str:
+    """`path` as text any terminal can print: bytes that are not UTF-8 (an old camera's Latin-1 name,
+    a zip made on Windows) as `\\xe9` escapes, the way `ls --quoting-style=escape` and Python's
+    `backslashreplace` spell them."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def rejoin(given: list[Path]) -> list[Path | str]:
+    """`given` with each run of missing names that, joined by spaces, names an existing file (a name with
+    spaces that the shell or `make predict IMG=...` split) replaced by one error line saying so."""
+    out: list[Path | str] = []
+    i = 0
+    while i < len(given):
+        for end in range(min(len(given), i + 8), i + 1, -1):
+            joined = Path(" ".join(str(p) for p in given[i:end]))
+            if not given[i].exists() and joined.is_file():
+                name, pieces = shown(joined), ", ".join(shown(p) for p in given[i:end])
+                out.append(
+                    f"{name}: given as {end - i} names ({pieces}); quote a name with spaces: "
+                    f"python -m stages.predict '{name}', or make predict IMG='\"{name}\"'"
+                )
+                i = end
+                break
+        else:
+            out.append(given[i])
+            i += 1
+    return out
+
+
 def main() -> None:
     args = parse_args()
     if args.show:
         check_show(args.show, args.images)
     inputs, failures = [], []
-    for path in args.images:
+    for path in rejoin(args.images):
+        if isinstance(path, str):  # a name with spaces, split
+            failures.append(path)
+            continue
         try:
             gray, seen = images.load(path)
         except images.ImageError as exc:
-            failures.append(str(exc))
+            failures.append(str(exc).replace(str(path), shown(path)))
             continue
         # only a thumbnail of the file as read, to draw it: memory stays flat in the number of files
         inputs.append((path, images.thumbnail(gray) if args.show else None, seen))
@@ -66,7 +99,7 @@ def main() -> None:
         meaning = card["output"]["meaning"]
         results = [
             {
-                "file": str(path),
+                "file": shown(path),
                 "digit": int(out.argmax()),
                 "top": [{"digit": int(d), "value": round(float(out[d]), 4)} for d in np.argsort(-out)[: args.top]],
                 "outputs": [round(float(v), 6) for v in out],
@@ -98,7 +131,7 @@ def show(inputs: list[tuple[Path, np.ndarray, np.ndarray]], outputs: np.ndarray,
     fig, axes = plt.subplots(len(inputs), 3, figsize=(9, 2.4 * len(inputs)), squeeze=False)
     for (path, gray, seen), values, (ax_in, ax_seen, ax_bar) in zip(inputs, outputs, axes, strict=True):
         ax_in.imshow(gray, cmap="gray", vmin=0, vmax=255)
-        ax_in.set_title(path.name, fontsize=9)
+        ax_in.set_title(shown(Path(path.name)), fontsize=9)
         ax_seen.imshow(seen, cmap="gray", vmin=0, vmax=255)
         ax_seen.set_title("what the model saw (28x28)", fontsize=9)
         for ax in (ax_in, ax_seen):

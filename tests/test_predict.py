@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -32,7 +33,7 @@ from tests.digits import (
     render,
     sixteen_bit,
 )
-from tests.harness import ROOT, run, write_params
+from tests.harness import ENV, ROOT, run, write_params
 
 PYTHON = sys.executable
 
@@ -178,6 +179,38 @@ def test_bad_inputs_are_one_line_each_and_exit_2(trained: Path, tmp_path: Path) 
     assert missing_model.stderr.strip().splitlines()[-1] == (
         f"error: {tmp_path / 'model.tflite'} not found; train a model first (dvc repro), or fetch one (dvc pull)"
     )
+
+
+def test_names_that_are_not_utf8_or_were_split_at_a_space_still_get_their_predictions(
+    trained: Path, tmp_path: Path
+) -> None:
+    good = render(raw_test_split(trained)[0][0], tmp_path / "good.png", np.random.default_rng(0))
+    latin1 = tmp_path / os.fsdecode(b"caf\xe9 \xa91998.png")  # an old camera's Latin-1 name
+    spaced = tmp_path / "my digit.png"
+    shutil.copy(good, latin1)
+    shutil.copy(good, spaced)
+    seen = tmp_path / "seen.png"
+    args = [str(latin1), str(good), *str(spaced).split(" "), "--show", str(seen)]  # as `make predict IMG=...` split it
+    proc = run([PYTHON, "-m", "stages.predict", *args], trained, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [line.split(": ")[0] for line in lines] == [f"{tmp_path}/caf\\xe9 \\xa91998.png", str(good)]
+    assert len({line.split(": ", 1)[1] for line in lines}) == 1  # the same picture, the same answer
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {spaced}: given as 2 names ({tmp_path}/my, digit.png); quote a name with spaces: "
+        f"python -m stages.predict '{spaced}', or make predict IMG='\"{spaced}\"'"
+    )
+    with Image.open(seen) as picture:
+        assert picture.size[1] > 400  # both rows drawn
+    as_json = predict_json(trained, [latin1])["predictions"][0]
+    assert as_json["file"] == f"{tmp_path}/caf\\xe9 \\xa91998.png"
+
+
+def test_a_reader_that_goes_away_ends_predict_quietly(trained: Path) -> None:
+    files = [str(ROOT / "data/examples/digit-1.png")] * 400  # more than a pipe holds
+    command = f"{PYTHON} -m stages.predict --json {' '.join(files)} | head -1; exit ${{PIPESTATUS[0]}}"
+    proc = subprocess.run(["bash", "-c", command], cwd=trained, env=ENV, capture_output=True, text=True, check=False)
+    assert proc.stdout == "{\n" and proc.stderr == "" and proc.returncode == 141  # 128 + SIGPIPE, as `cat` ends
 
 
 # --- images as people's devices make them: each read as the plain page ---

@@ -61,6 +61,8 @@ def run(main: Callable[[], None], *, writes_outputs: bool = True) -> None:
     """
     global _kept  # noqa: PLW0603 - what a failure line promises, set once per process
     _kept = KEPT if writes_outputs else ""
+    for stream in (sys.stdout, sys.stderr):  # a name or a "—" the locale cannot encode is escaped, not fatal
+        stream.reconfigure(errors="backslashreplace")
     try:
         guard()
         if writes_outputs:
@@ -72,6 +74,8 @@ def run(main: Callable[[], None], *, writes_outputs: bool = True) -> None:
         _fail(f"error: {exc}", 2)
     except StageError as exc:
         _fail(f"error: {exc}; {_kept}" if UNDER_DVC and _kept else f"error: {exc}", 2)
+    except BrokenPipeError:  # the reader went away (`| head`): nothing more to say, as `cat` says nothing
+        os._exit(128 + signal.SIGPIPE)
     except OSError as exc:
         if exc.filename is None and exc.errno not in RESOURCE_ERRNOS:
             _internal(exc)
@@ -260,7 +264,7 @@ def _find_dvc(levels: int = 4) -> int | None:
                 b"dvc",
             ]:
                 return pid
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+            pid = int(Path(f"/proc/{pid}/stat").read_text(encoding="ascii").rpartition(")")[2].split()[1])
         except (OSError, ValueError, IndexError):
             return None
     return None
@@ -277,7 +281,7 @@ def _only_one(name: str) -> None:
         return
     lock_dir = Path(".dvc/tmp")
     lock_dir.mkdir(exist_ok=True)
-    handle = open(lock_dir / f"stage-{name}.lock", "a+")  # noqa: SIM115 - held until the process ends
+    handle = open(lock_dir / f"stage-{name}.lock", "a+", encoding="utf-8")  # noqa: SIM115 - held until the process ends
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
