@@ -35,8 +35,8 @@ def main() -> None:
 
     model, _ = serving.load()  # raw uint8 images in, probabilities out
     predicted = model.predict(x, batch_size=1024).argmax(axis=1)
-    own = json.loads(Path("metrics/eval.json").read_text())["test"]
-    scores = json.loads(Path("metrics/eval/metrics.json").read_text())
+    own = json.loads(Path("metrics/eval.json").read_text(encoding="utf-8"))["test"]
+    scores = json.loads(Path("metrics/eval/metrics.json").read_text(encoding="utf-8"))
     print("| test set | digits | accuracy | macro F1 |")
     print("|---|---|---|---|")
     own_row = f"| {scores['n_test']} | {own['accuracy']:.4f} | {scores['f1_macro']:.4f} |"

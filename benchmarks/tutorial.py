@@ -32,5 +32,5 @@ model.fit(x_train, y_train, epochs=epochs, batch_size=32, validation_split=0.1, 
 fit_s = time.perf_counter() - start
 predicted = model.predict(data["x_test"], verbose=0).argmax(axis=1)
 accuracy = float((predicted == data["y_test"]).mean())
-with open(out, "w") as f:
+with open(out, "w", encoding="utf-8") as f:
     json.dump({"fit_s": fit_s, "test_accuracy": accuracy}, f)

@@ -25,7 +25,7 @@ def main() -> None:
     # first. A refused change then leaves every output as it was, and once params.yaml is
     # restored `dvc status` is clean again.
     with atomic.target(OUT) as tmp:
-        tmp.write_text("params.yaml is valid\n")
+        tmp.write_text("params.yaml is valid\n", encoding="utf-8")
     p = params.load()
     datasets.check_expected_sizes(p)
     memory.check(p)  # a model too large for this machine is refused here, not killed mid-training

@@ -32,7 +32,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.lines import Line2D
 
-from stages.lib import errors, runner
+from stages.lib import atomic, errors, runner
 
 TRAIN_SUMMARY, SCORES = "metrics/train/metrics.json", "metrics/eval/metrics.json"
 PARAM_SECTIONS = ("data", "normalize", "model", "train", "evaluate")
@@ -170,7 +170,7 @@ def plot(exps: list[Experiment], out: Path) -> None:
     fig.legend(handles=loss_keys, loc="lower left", ncol=4, fontsize=8, frameon=False, title="loss (colour)")
     fig.legend(handles=opt_keys, loc="lower right", ncol=1, fontsize=8, frameon=False, title="optimizer (line)")
     fig.tight_layout(rect=(0, 0.05 + 0.03 * max((len(losses) + 3) // 4, len(optimizers)), 1, 1))
-    fig.savefig(out, dpi=90)
+    atomic.save_figure(fig, out, dpi=90)
     plt.close(fig)
 
 
@@ -183,13 +183,13 @@ def rows_shown(text: str) -> int:
 
 
 def update_readme(readme: Path, table: str, image: str) -> None:
-    text = readme.read_text()
+    text = readme.read_text(encoding="utf-8")
     start, end = MARKERS
     if start not in text or end not in text:
         raise errors.StageError(f"{readme} has no {start} ... {end} block to fill")
     image = Path(os.path.relpath(image, readme.parent)).as_posix()  # the link works from the page's folder
     block = f"{start}\n{table}\n![Validation curves per experiment]({image})\n{end}"
-    readme.write_text(re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S))
+    atomic.write_text(readme, re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S))
 
 
 def main() -> None:
@@ -202,7 +202,7 @@ def main() -> None:
     if not exps:
         raise errors.StageError("no finished experiments to compare; run `make sweep` or `dvc exp run` first")
     for existing in [args.out / "compare.md", *([args.readme] if args.readme else [])]:
-        shown = rows_shown(existing.read_text()) if existing.exists() else 0
+        shown = rows_shown(existing.read_text(encoding="utf-8")) if existing.exists() else 0
         if len(exps) < shown and not args.replace:
             raise errors.StageError(
                 f"{existing} shows {shown} experiments but only {len(exps)} are here (experiments live in the "
@@ -212,7 +212,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(exps)
     plot(exps, args.out / "compare.png")
-    (args.out / "compare.md").write_text(f"{table}\n![Validation curves per experiment](compare.png)\n")
+    atomic.write_text(args.out / "compare.md", f"{table}\n![Validation curves per experiment](compare.png)\n")
     if args.readme:
         update_readme(args.readme, table, (args.out / "compare.png").as_posix())
     print(table)

@@ -23,7 +23,7 @@ PIPELINE = [name for name in DVC_YAML if name != "check"]
 def lib_modules(path: Path, seen: set[str] | None = None) -> set[str]:
     """stages/lib/*.py files that `path` imports, directly or through each other."""
     seen = set() if seen is None else seen
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         names: list[str] = []
         if isinstance(node, ast.ImportFrom) and node.module == "stages.lib":
             names = [alias.name for alias in node.names]
@@ -42,7 +42,7 @@ def imports_tensorflow(path: Path) -> bool:
     import, e.g. registry's `make_*`, runs only in the stage that calls it)."""
     names = [
         alias.name if isinstance(node, ast.Import) else node.module or ""
-        for node in ast.parse(path.read_text()).body
+        for node in ast.parse(path.read_text(encoding="utf-8")).body
         if isinstance(node, (ast.Import, ast.ImportFrom))
         for alias in (node.names if isinstance(node, ast.Import) else [None])
     ]
@@ -51,7 +51,7 @@ def imports_tensorflow(path: Path) -> bool:
 
 def sections_read(path: Path) -> set[str]:
     """The params sections a stage reads: `p.<section>` where `p = params.load()`."""
-    tree = ast.parse(path.read_text())
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     loads = [
         node
         for node in ast.walk(tree)

@@ -34,7 +34,7 @@ def repo(tmp_path: Path) -> Path:
 
 
 def load_json(path: Path) -> dict:
-    return json.loads(path.read_text())
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def test_every_output_exists_and_the_accuracy_comes_from_the_models_predictions(repo: Path) -> None:

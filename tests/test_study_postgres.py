@@ -88,7 +88,7 @@ def test_two_workers_one_killed_every_run_done_once(tmp_path: Path, postgres: st
             "--diagnostics", "none", "--heartbeat", "1", "--grace", "4", "--poll", "0.3"]  # fmt: skip
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
     workers = [
-        subprocess.Popen(args, cwd=repo, env=ENV, stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
+        subprocess.Popen(args, cwd=repo, env=ENV, stdout=open(log, "w", encoding="utf-8"), stderr=subprocess.STDOUT)  # noqa: SIM115
         for log in logs
     ]
     try:

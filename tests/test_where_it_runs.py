@@ -55,7 +55,7 @@ def namespace() -> Iterator[int]:
     try:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            children = Path(f"/proc/{holder.pid}/task/{holder.pid}/children").read_text().split()
+            children = Path(f"/proc/{holder.pid}/task/{holder.pid}/children").read_text(encoding="utf-8").split()
             if children:
                 yield int(children[0])
                 return

@@ -109,10 +109,21 @@ def target(path: str | os.PathLike[str]) -> Iterator[Path]:
         _ACTIVE.pop(tmp, None)
 
 
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write `text` as UTF-8, atomically, whatever the locale's encoding (a report's "—" on a Latin-1 server)."""
+    with target(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def save_figure(figure: Any, path: str | os.PathLike[str], **savefig: Any) -> None:
+    """Save a matplotlib figure to `path` atomically, in the format its suffix names (.png, .svg, ...)."""
+    with target(path) as tmp:
+        figure.savefig(tmp, format=Path(path).suffix.lstrip(".").lower() or None, **savefig)
+
+
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
     """Write `data` as indented JSON, atomically; NaN or infinity is a ValueError (not JSON)."""
-    with target(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
+    write_text(path, json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def _remove(path: Path) -> None:

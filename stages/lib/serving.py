@@ -94,7 +94,7 @@ def load(folder: Path = MODEL_DIR) -> tuple[LiteRTModel, dict[str, Any]]:
         missing = path if not path.exists() else card_path
         raise StageError(f"{missing} not found; train a model first (dvc repro), or fetch one (dvc pull)")
     try:
-        model_card = json.loads(card_path.read_text())
+        model_card = json.loads(card_path.read_text(encoding="utf-8"))
         recorded = model_card["sha256"][LITERT_FILE]
         if model_card["output"]["activation"] not in OUTPUTS:
             raise ValueError(f"unknown output activation {model_card['output']['activation']!r}")

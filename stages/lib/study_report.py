@@ -281,7 +281,7 @@ def _plot_sensitivity(plt: Any, report: dict, out: Path) -> tuple[str, str]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    fig.savefig(out / PLOT_LR, dpi=110)
+    atomic.save_figure(fig, out / PLOT_LR, dpi=110)
     plt.close(fig)
     return ("Validation accuracy against learning rate", PLOT_LR)
 
@@ -305,7 +305,7 @@ def _plot_performance(plt: Any, report: dict, out: Path) -> tuple[str, str]:
     ax.set_title("Performance at each configuration's best learning rate")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / PLOT_PERF, dpi=110)
+    atomic.save_figure(fig, out / PLOT_PERF, dpi=110)
     plt.close(fig)
     return ("Test accuracy per configuration with 95% CI", PLOT_PERF)
 
@@ -329,7 +329,7 @@ def _plot_gradients(plt: Any, report: dict, out: Path) -> tuple[str, str]:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    fig.savefig(out / PLOT_GRAD, dpi=110)
+    atomic.save_figure(fig, out / PLOT_GRAD, dpi=110)
     plt.close(fig)
     return ("Gradient norms and update ratios of the diagnostics", PLOT_GRAD)
 
@@ -340,5 +340,5 @@ def write(design: sp.Design, states: dict[str, sp.KeyState], name: str, out: Pat
     out.mkdir(parents=True, exist_ok=True)
     images = plots(report, out)
     atomic.write_json(out / "study.json", report)
-    (out / "study.md").write_text(markdown(report, images))
+    atomic.write_text(out / "study.md", markdown(report, images))
     return report

@@ -125,7 +125,9 @@ class StorageLock:
         if self.path is None:
             yield
             return
-        with open(self.path, "a") as handle:  # a new open file per call: locks threads of this process too
+        with open(
+            self.path, "a", encoding="utf-8"
+        ) as handle:  # a new open file per call: locks threads of this process too
             fcntl.flock(handle, fcntl.LOCK_EX)
             yield
 
@@ -260,7 +262,7 @@ def run_experiment(spec: sp.Spec, name: str, design: sp.Design, gradients: bool,
             cmd += ["-S", f"{key}={value}"]
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         dies_with_this_worker = functools.partial(runner.die_with_parent, signal.SIGTERM)  # dvc then stops its stage
-        with open(log, "w") as out:
+        with open(log, "w", encoding="utf-8") as out:
             out.write(f"$ {' '.join(cmd)}\n")
             out.flush()
             rc = subprocess.run(
