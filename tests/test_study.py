@@ -4,6 +4,8 @@ small grid (2 configurations, 2 learning rates, 2 seeds, 1 epoch) in a git + DVC
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -12,9 +14,10 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
+from stages.lib import atomic
 from stages.lib import study_protocol as sp
 from stages.lib import study_worker as sw
-from tests.harness import dvc_project, run, write_params
+from tests.harness import ENV, ROOT, dvc_project, run, write_params
 
 PYTHON = sys.executable
 SMALL = [
@@ -108,6 +111,42 @@ def test_workers_that_race_run_each_slot_once(tmp_path: Path, monkeypatch: pytes
         assert all(t.user_attrs.get("outcome") == "duplicate" for t in ts if t.state != TrialState.COMPLETE), key
     assert len(runs) == len(set(runs)) == len(by_slot)
     assert any("poisson-sgd" in name for name in runs)  # stage 2 took stage 1's best optimizer
+
+
+LATIN1_REPORT = """
+import sys
+from pathlib import Path
+from stages.lib import study_protocol as sp, study_report
+design = sp.Design(optimizers=("adam", "sgd"), losses=("sparse_categorical_crossentropy",), lrs=(0.01,),
+                   seeds=(42, 43, 44), diagnostics=())
+states = {}
+for i, slot in enumerate(sp.plan(design)):
+    acc = 0.9 + 0.01 * i
+    record = {"outcome": "ok", "val_accuracy": acc, "test_accuracy": acc, "test_log_loss": 0.3, "val_curve": [acc],
+              "experiment": f"e{i}", "run_s": 1.0, "read_s": 0.1, "optimizer": slot.optimizer, "loss": slot.loss,
+              "learning_rate": 0.01, "seed": slot.seed}
+    states[slot.key] = sp.KeyState(done={"outcome": "diverged"} if slot.optimizer == "sgd" else record)
+study_report.write(design, states, "study", Path(sys.argv[1]))
+"""
+
+
+def test_reports_are_utf8_and_whole_under_a_latin1_locale(tmp_path: Path) -> None:
+    """An older server's ISO-8859-1 locale: the report's "—" (sgd diverged: no best rate) once ended the
+    study in a UnicodeEncodeError with study.md left at 0 bytes."""
+    if shutil.which("localedef") is None:
+        pytest.skip("no localedef here to build an ISO-8859-1 locale")
+    subprocess.run(["localedef", "-i", "en_US", "-f", "ISO-8859-1", tmp_path / "en_US.ISO-8859-1"], check=True)
+    env = {**ENV, "LOCPATH": str(tmp_path), "LC_ALL": "en_US.ISO-8859-1", "PYTHONUTF8": "0"}
+    probe = [PYTHON, "-c", "import locale; print(locale.getpreferredencoding())"]
+    assert subprocess.run(probe, env=env, capture_output=True, text=True, check=True).stdout.strip() == "ISO-8859-1"
+    out = tmp_path / "reports"
+    subprocess.run([PYTHON, "-c", LATIN1_REPORT, str(out)], cwd=ROOT, env=env, check=True)
+    assert "| sparse_categorical_crossentropy | sgd | — |" in (out / "study.md").read_text(encoding="utf-8")
+
+    before = (out / "study.md").read_bytes()  # a write that fails keeps the previous file whole
+    with pytest.raises(UnicodeEncodeError):
+        atomic.write_text(out / "study.md", "a lone surrogate \udce9 is not UTF-8")
+    assert (out / "study.md").read_bytes() == before and sorted(p.name for p in out.iterdir() if "tmp" in p.name) == []
 
 
 def study_json(repo: Path) -> dict:
