@@ -44,9 +44,12 @@ LOSSES     ?= sparse_categorical_crossentropy,categorical_crossentropy,binary_cr
 OPTIMIZERS ?= adam,sgd,rmsprop
 JOBS       ?= $(shell nproc 2>/dev/null || echo 1)
 # Failed experiments are named and the target fails (after writing the report of those that finished).
+# The default grid's report is the published one (reports/compare.*, docs/sweep.md); a grid of your
+# own gets its own, reports/sweeps/<the grid>/compare.md. Either way: the experiments it ran, and no others.
+SWEEP_REPORT = $(if $(filter command line environment,$(origin LOSSES) $(origin OPTIMIZERS)),,--out reports --readme docs/sweep.md)
 sweep: setup
 	$(RUN) $(BIN)/python -m stages.sweep -S "train.loss=$(LOSSES)" -S "train.optimizer.name=$(OPTIMIZERS)" \
-		--jobs $(JOBS); status=$$?; $(RUN) $(BIN)/python -m stages.report --readme docs/sweep.md; exit $$status
+		--jobs $(JOBS) $(SWEEP_REPORT)
 
 # The study (docs/study.md): each (loss, optimizer) at its own tuned learning rate (validation accuracy),
 # SEEDS seeds at the best one, test accuracy with 95% CIs, as DVC experiments run by Optuna's workers.

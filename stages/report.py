@@ -54,7 +54,7 @@ class Experiment:
         for column in (key, f"params.yaml:{key}", f"metrics/eval.json:{key}"):
             if column in self.row:
                 value = self.row[column]
-                return None if value in ("None", "-", "") else value
+                return None if value in ("None", "-", "", "!") else value  # "!": DVC could not read it
         return None
 
     def committed(self, path: str) -> dict[str, Any]:
@@ -209,14 +209,19 @@ def main() -> None:
                 "machine that ran them); nothing was changed. Run `make sweep` first, `dvc exp pull` them, "
                 "or pass --replace (make compare REPLACE=1) to overwrite"
             )
-    args.out.mkdir(parents=True, exist_ok=True)
+    write(exps, args.out, args.readme)
+
+
+def write(exps: list[Experiment], out: Path, readme: Path | None = None) -> None:
+    """The table and picture of `exps` -> out/compare.md and out/compare.png (and `readme`'s block)."""
+    out.mkdir(parents=True, exist_ok=True)
     table = markdown(exps)
-    plot(exps, args.out / "compare.png")
-    atomic.write_text(args.out / "compare.md", f"{table}\n![Validation curves per experiment](compare.png)\n")
-    if args.readme:
-        update_readme(args.readme, table, (args.out / "compare.png").as_posix())
+    plot(exps, out / "compare.png")
+    atomic.write_text(out / "compare.md", f"{table}\n![Validation curves per experiment](compare.png)\n")
+    if readme:
+        update_readme(readme, table, (out / "compare.png").as_posix())
     print(table)
-    print(f"{len(exps)} experiments -> {args.out / 'compare.md'}, {args.out / 'compare.png'}")
+    print(f"{len(exps)} experiments -> {out / 'compare.md'}, {out / 'compare.png'}")
 
 
 if __name__ == "__main__":

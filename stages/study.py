@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from stages.lib import datasets, errors, registry, runner
+from stages.lib import cache_integrity, datasets, errors, registry, runner
 from stages.lib import study_protocol as sp
 
 
@@ -140,6 +140,10 @@ def main() -> None:
             raise errors.StageError(f"no study {args.study_name!r} in {sw.redact(url)}") from None
         design = sp.Design.from_dict(study.user_attrs["design"])
     else:
+        from dvc.repo import Repo
+
+        with Repo(".") as repo:  # each run is a `dvc exp run --temp`
+            cache_integrity.check_runs_outside_workspace(repo)
         design = design_from(args, sw.code_id())
         lock = sw.StorageLock(url)
         study = sw.join_study(storage, args.study_name, design, lock)

@@ -1,12 +1,14 @@
-"""Run a grid of experiments on DVC's queue and say which failed: `python -m stages.sweep -S KEY=A,B ... --jobs N`.
+"""Run a grid of experiments on DVC's queue, then report them: `python -m stages.sweep -S KEY=A,B ... --jobs N`.
 
 Queues every combination of the `-S` values (DVC's own grid syntax, `dvc exp run --queue -S
-train.loss=a,b -S train.optimizer.name=x,y`), runs them with N queue workers (`dvc exp run
---run-all --jobs N`), then checks each queued experiment's state in `dvc exp show`, and that
-DVC's cache holds every output it records. DVC's `--run-all` exits 0 even when experiments failed
-(and an output that did not fit into the cache is only a warning); this command names each failed
-one, with the command that shows its log, and exits 2. Params that ran before come from DVC's run-cache.
-Not a DVC stage: it drives DVC.
+train.loss=a,b -S train.optimizer.name=x,y`), starts N queue workers (`dvc queue start -j N`)
+and waits for exactly those experiments, a line as each one ends. Then it writes the table and
+picture of the experiments it ran (`stages.report`) to `--out` (by default
+`reports/sweeps/<the grid>/`, so a small grid never replaces the published one) and checks that
+DVC's cache holds every output they record. It exits 2, after the report of those that finished,
+naming each failed experiment with the command that shows its log. It never waits forever: DVC's
+`--run-all` waits for a run that failed in setup, and for workers that died, with no end.
+Params that ran before come from DVC's run-cache. Not a DVC stage: it drives DVC.
 
     python -m stages.sweep -S train.loss=binary_crossentropy,poisson -S train.optimizer.name=adam,sgd --jobs 2
 """
@@ -14,20 +16,42 @@ Not a DVC stage: it drives DVC.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import re
 import subprocess
 import sys
+import time
+from itertools import chain
+from pathlib import Path
 
 import dvc.api
+from dvc.repo import Repo
 
+from stages import report
 from stages.lib import cache_integrity, errors, runner
+
+POLL_S = 2.0  # how often the queue is looked at
+START_S = 120.0  # workers not seen by then never started
+WORKER_LOGS = ".dvc/tmp/exps/celery/dvc-exp-worker-*.out"
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m stages.sweep", description=__doc__.splitlines()[0])
     parser.add_argument("-S", "--set-param", action="append", default=[], metavar="KEY=A,B", help="as dvc exp run -S")
     parser.add_argument("--jobs", type=int, default=1, help="DVC queue workers (default 1)")
+    parser.add_argument("--out", type=Path, help="folder for its compare.md and compare.png (reports/sweeps/<grid>)")
+    parser.add_argument("--readme", type=Path, help="also fill the compare block of this page")
     return parser.parse_args()
+
+
+def grid_folder(settings: list[str]) -> Path:
+    """reports/sweeps/<the grid>: `-S train.loss=a,b -S train.optimizer.name=adam` -> loss=a+b_optimizer.name=adam."""
+    pairs = (setting.partition("=") for setting in settings)
+    parts = [f"{key.removeprefix('train.')}={values.replace(',', '+')}" for key, _, values in pairs]
+    name = re.sub(r"[^\w.+=-]", "-", "_".join(parts)) or "sweep"
+    if len(name) > 80:
+        name = f"{name[:60]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return Path("reports/sweeps") / name
 
 
 def run_dvc(*args: str) -> str:
@@ -39,12 +63,44 @@ def run_dvc(*args: str) -> str:
     return proc.stdout
 
 
+def run_queued(repo: Repo, names: list[str], jobs: int) -> None:
+    """Start `jobs` queue workers and return once none of `names` is queued or running.
+
+    Raises StageError when the workers stop (or never start) while some are still waiting.
+    """
+    queue = repo.experiments.celery_queue
+    queue.start_workers(count=jobs)
+    print(f"running {len(names)} experiments on {jobs} DVC queue workers (follow one: dvc queue logs NAME -f)")
+    began, seen, waiting = time.monotonic(), False, set(names)
+    while waiting:
+        time.sleep(POLL_S)
+        pending = {entry.name for entry in chain(queue.iter_queued(), queue.iter_active())}
+        for name in sorted(waiting - pending):
+            waiting.discard(name)
+            print(f"  {len(names) - len(waiting)} of {len(names)} ended after {time.monotonic() - began:.0f} s: {name}")
+        alive = bool(queue.worker_status())
+        seen = seen or alive
+        if waiting and not alive and (seen or time.monotonic() - began > START_S):
+            raise errors.StageError(
+                f"DVC's queue workers stopped with {len(waiting)} of {len(names)} experiments not run "
+                f"({', '.join(sorted(waiting))}); see why: tail {WORKER_LOGS}. `dvc queue start -j {jobs}` runs them"
+            )
+
+
 def main() -> None:
     args = parse_args()
+    out = args.out or grid_folder(args.set_param)
+    with Repo(".") as repo:
+        cache_integrity.check_runs_outside_workspace(repo)
     grid = [f"-S{setting}" for setting in args.set_param]
     queued = re.findall(r"Queued experiment '([^']+)'", run_dvc("exp", "run", "--queue", *grid))
-    run_dvc("exp", "run", "--run-all", "--jobs", str(args.jobs))
-    states = {row.get("Experiment"): row.get("State") for row in dvc.api.exp_show() if row.get("Experiment")}
+    with Repo(".") as repo:
+        run_queued(repo, queued, args.jobs)
+    rows = dvc.api.exp_show()
+    states = {row.get("Experiment"): row.get("State") for row in rows if row.get("Experiment")}
+    ran = [e for e in report.experiments(rows) if e.name in queued]
+    if ran:
+        report.write(ran, out, args.readme)
     failed = [name for name in queued if states.get(name) != "Success"]
     if failed:
         names = ", ".join(f"{name} ({states.get(name) or 'missing'})" for name in failed)
@@ -58,13 +114,11 @@ def main() -> None:
             f"full): {'; '.join(f'{name}: {paths}' for name, paths in uncached.items())}. Make room, then "
             f"`dvc exp remove {' '.join(uncached)}` and run the sweep again"
         )
-    print(f"all {len(queued)} experiments finished")
+    print(f"all {len(queued)} experiments finished -> {out / 'compare.md'}")
 
 
 def not_in_cache(names: list[str]) -> dict[str, str]:
     """The experiments whose recorded outputs DVC's cache does not hold: {name: "path, path"}."""
-    from dvc.repo import Repo
-
     found = {}
     with Repo(".") as repo:
         for name in names:

@@ -99,3 +99,21 @@ def repair(entry: Entry, sources: list[tuple[HashFileDB | None, str]], dest: Has
 def not_in_cache(repo: Repo) -> list[str]:
     """The paths of the recorded objects that DVC's cache does not hold (existence only: fast)."""
     return [entry.path for entry in entries(repo) if not entry.cache.exists(entry.oid)]
+
+
+def check_runs_outside_workspace(repo: Repo) -> None:
+    """Raise StageError when DVC cannot run `--temp` or queued experiments from `repo`.
+
+    DVC (3.67) writes its cache folder's path into each such experiment's config with configobj,
+    which encodes as ASCII: a non-ASCII letter in that path (a project under `lab-ü/`) fails every
+    run in setup, and `dvc exp run --run-all` then waits for it forever (`wait_for_start`).
+    """
+    from stages.lib.errors import StageError
+
+    cache = repo.cache.local_cache_dir
+    if cache and not cache.isascii():
+        raise StageError(
+            f"DVC cannot run experiments outside the workspace (--temp, its queue) here: its cache folder {cache} "
+            "has non-ASCII letters, which DVC writes into each run's config as ASCII. Give DVC a cache with an "
+            "ASCII path (dvc cache dir --local /path/without/accents), or move the project"
+        )
