@@ -41,7 +41,9 @@ def main() -> None:
         out = {**raw, "x_train": apply(raw["x_train"], stats), "x_test": apply(raw["x_test"], stats)}
         datasets.save_npz(tmp / "dataset.npz", out)
         atomic.write_json(tmp / "stats.json", stats)
-    print(f"normalize ({method}): mean {stats['mean']:.4f}, std {stats['std']:.4f} -> {OUT}")
+    mean, std = stats["mean"], stats["std"]
+    formula = "x / 255" if method == "scale" else f"(x / 255 - {mean:.4f}) / {std:.4f} (the train split's mean, std)"
+    print(f"normalize ({method}): pixels x -> {formula} -> {OUT}")
 
 
 if __name__ == "__main__":

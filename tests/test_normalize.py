@@ -31,8 +31,9 @@ def test_standardize_uses_train_statistics_only(sample: dict[str, np.ndarray]) -
 def test_stage_writes_data_and_reusable_statistics(project: Path) -> None:
     python = str(BIN / "python")
     write_params(project, {"normalize": {"method": "standardize"}})
-    run([python, "-m", "stages.download"], project)
-    run([python, "-m", "stages.normalize"], project)
+    downloaded = run([python, "-m", "stages.download"], project)
+    assert downloaded.stderr == ""  # the bundled file is copied: no progress bar left in the log
+    said = run([python, "-m", "stages.normalize"], project).stdout.strip()
     out = project / "data/normalized"
     stats = json.loads((out / "stats.json").read_text())
     raw = np.load(project / "data/raw/dataset.npz")
@@ -41,3 +42,10 @@ def test_stage_writes_data_and_reusable_statistics(project: Path) -> None:
     np.testing.assert_allclose(norm["x_test"], normalize.apply(raw["x_test"], stats), rtol=1e-6)
     np.testing.assert_array_equal(norm["y_test"], raw["y_test"])
     assert sorted(p.name for p in out.iterdir()) == ["dataset.npz", "stats.json"]
+    assert said == (
+        f"normalize (standardize): pixels x -> (x / 255 - {stats['mean']:.4f}) / {stats['std']:.4f} (the train "
+        "split's mean, std) -> data/normalized"
+    )
+    write_params(project, {"normalize": {"method": "scale"}})
+    said = run([python, "-m", "stages.normalize"], project).stdout.strip()
+    assert said == "normalize (scale): pixels x -> x / 255 -> data/normalized"  # not "mean 0.0000, std 1.0000"

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from optuna.trial import TrialState
 
 from stages.lib import atomic
@@ -111,6 +112,13 @@ def test_workers_that_race_run_each_slot_once(tmp_path: Path, monkeypatch: pytes
         assert all(t.user_attrs.get("outcome") == "duplicate" for t in ts if t.state != TrialState.COMPLETE), key
     assert len(runs) == len(set(runs)) == len(by_slot)
     assert any("poisson-sgd" in name for name in runs)  # stage 2 took stage 1's best optimizer
+
+
+def test_a_learning_rate_is_written_as_people_write_it_and_yaml_reads_it_back() -> None:
+    spec = sp.Spec("sparse_categorical_crossentropy", "sgd", 1e30, 42, False)
+    assert spec.experiment("study", "tune") == "study-scce-sgd-lr1.0e+30-s42"  # not lr1000000000000000000000000000000
+    for lr, text in [(0.0001, "0.0001"), (1e-5, "0.00001"), (1, "1"), (1e30, "1.0e+30"), (1.5e-9, "1.5e-09")]:
+        assert sp.lr_text(lr) == text and float(yaml.safe_load(text)) == lr  # YAML 1.1 (PyYAML) reads a float
 
 
 LATIN1_REPORT = """

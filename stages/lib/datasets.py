@@ -335,19 +335,22 @@ def _save(chunks: Iterator[bytes], total: int | None, *, url: str, dest: Path, s
     """Write `chunks` to `dest` atomically with a progress bar, within the bounds; then check the sha256."""
     if total is not None and total > MAX_DOWNLOAD_BYTES:
         raise DataError(f"{url} is {total} bytes, more than any MNIST-sized file ({MAX_DOWNLOAD_BYTES} at most)")
-    digest = hashlib.sha256()
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, file=sys.stderr, mininterval=0.5, leave=False)
+    digest, received = hashlib.sha256(), 0
+    local = url.startswith("file:")  # no bar for a copy; disable=None: tqdm draws one only at a terminal
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, file=sys.stderr, mininterval=0.5, leave=False,
+               disable=True if local else None)  # fmt: skip
     with bar, atomic.target(dest) as tmp, open(tmp, "wb") as out:
         for chunk in chunks:
             out.write(chunk)  # a local write error (disk full) is an OSError, reported as such
             digest.update(chunk)
+            received += len(chunk)
             bar.update(len(chunk))
-            if bar.n > MAX_DOWNLOAD_BYTES:
+            if received > MAX_DOWNLOAD_BYTES:
                 raise DataError(f"{url} sent over {MAX_DOWNLOAD_BYTES} bytes, more than any MNIST-sized file")
             if time.monotonic() > deadline:
                 raise DataError(f"download of {url} did not finish in time (data.timeout_s); the server is too slow")
-        if total is not None and bar.n != total:
-            raise DataError(f"download of {url} stopped after {bar.n} of {total} bytes")
+        if total is not None and received != total:
+            raise DataError(f"download of {url} stopped after {received} of {total} bytes")
         if digest.hexdigest() != sha256:
             raise DataError(
                 f"checksum mismatch for {url}: expected sha256 {sha256}, got {digest.hexdigest()}. "

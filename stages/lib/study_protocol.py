@@ -54,8 +54,10 @@ LOSS_ABBR = {
 
 
 def lr_text(lr: float) -> str:
-    """A learning rate as plain decimals (`0.0001`, never `1e-04`, which YAML 1.1 reads as a string)."""
-    return np.format_float_positional(float(lr), trim="-")
+    """A learning rate as people write it and YAML 1.1 and 1.2 both read as a float: plain decimals
+    up to 8 characters (`0.0001`, never `1e-04`, a string to YAML 1.1), else `1.0e+30` (in names too)."""
+    plain = np.format_float_positional(float(lr), trim="-")
+    return plain if len(plain) <= 8 else np.format_float_scientific(float(lr), trim="0", exp_digits=2)
 
 
 @dataclass(frozen=True)
