@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.lib import images, runner, serving
+from stages.lib import atomic, images, runner, serving
 from stages.lib.errors import StageError
 
 
@@ -144,8 +144,7 @@ def show(inputs: list[tuple[Path, np.ndarray, np.ndarray]], outputs: np.ndarray,
         ax_bar.title.set_fontsize(9)
     fig.tight_layout()
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=90)
+        atomic.save_figure(fig, out, dpi=90)
     except OSError as exc:
         raise StageError(f"--show {out}: cannot write it ({exc.strerror or exc}); give a path you can write") from None
     finally:
