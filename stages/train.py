@@ -13,15 +13,19 @@ out, as a LiteRT flatbuffer, a Keras file and a SavedModel, with its card (`mode
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 from dvclive import Live
 from dvclive.keras import DVCLiveCallback
@@ -35,6 +39,9 @@ STATS = Path("data/normalized/stats.json")
 LIVE_DIR = Path("metrics/train")
 TIMINGS = Path("metrics/timings.json")  # git-ignored, not a DVC output
 PROBE_ROWS = 64  # the fixed batch train.log_gradients measures gradients on (benchmarks/gradient_stats.py)
+# Settings multi_worker hosts may hold differently (each its own cores, its own patience for the cluster);
+# every other key of `model` and `train` must be the same on all of them (`fingerprint`).
+PER_HOST = ("train.speed.threads", "train.cluster_timeout_s")
 
 
 class ClusterDeadline(keras.callbacks.Callback):
@@ -139,10 +146,56 @@ class StopOnDivergence(keras.callbacks.Callback):
             )
 
 
+def fingerprint(p: params.Params, x: np.ndarray, y: np.ndarray) -> dict[str, str]:
+    """What every host of a multi_worker run must share, key -> value as a line shows it: each key of the
+    `model` and `train` sections but PER_HOST, and the training data as it is fed to the loop (its example
+    count and the sha256 of its arrays' dtypes, shapes and bytes)."""
+
+    def flat(value: Any, key: str) -> Iterator[tuple[str, Any]]:
+        if isinstance(value, dict):
+            for name, inner in value.items():
+                yield from flat(inner, f"{key}.{name}")
+        elif key not in PER_HOST:
+            yield key, value if isinstance(value, str) else json.dumps(value)
+
+    digest = hashlib.sha256()
+    for array in (x, y):
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).data)
+    dumped = p.model_dump()
+    settings = dict(item for section in ("model", "train") for item in flat(dumped[section], section))
+    return {**settings, f"the training data ({DATA})": f"{len(x)} examples, sha256 {digest.hexdigest()[:16]}"}
+
+
+def write_timings(seconds: float, epoch_seconds: list[float]) -> None:
+    """The training time, to git-ignored TIMINGS: it differs from run to run, so it stays out of the tracked
+    outputs (same params, same bytes)."""
+    epoch_s = [round(s, 4) for s in epoch_seconds]
+    atomic.write_json(TIMINGS, {"train_time_s": round(seconds, 3), "epochs_run": len(epoch_s), "epoch_s": epoch_s})
+
+
+@contextlib.contextmanager
+def cluster_errors() -> Iterator[None]:
+    """multi_worker: TensorFlow's UnavailableError (a peer stopped mid-run) as one line (StageError)."""
+    try:
+        yield
+    except tf.errors.UnavailableError as exc:
+        said = [line.strip() for line in (exc.message or "").splitlines() if "abort" in line.lower()][:1]
+        raise StageError("train.distribute: multi_worker: another worker stopped or cannot be reached"
+                         + (f" (TensorFlow: {said[0][:200]})" if said else "")) from None  # fmt: skip
+
+
 def main() -> None:
     p = params.load()
     t = p.train
     strategy, watch = configure(t)
+    data = datasets.load_npz(DATA)
+    datasets.check_sizes(len(data["y_train"]), len(data["y_test"]), t)
+    x, y = data["x_train"], registry.encode_labels(data["y_train"], registry.LOSSES[t.loss])
+    multi = t.distribute == "multi_worker"
+    if multi:  # before the model: its variables are the cluster's first collectives (the chief's values)
+        with cluster_errors():
+            engine.check_agreement(strategy, fingerprint(p, x, y))
     wiring = registry.head(t.loss, p.model.output_activation, t.from_logits)
     with strategy.scope():
         model, optimizer = build_model(p.model, wiring), build_optimizer(t)
@@ -151,46 +204,46 @@ def main() -> None:
         model, loss, lambda: registry.make_metrics(t, from_logits=wiring.from_logits), optimizer, strategy,
         steps_per_execution=t.speed.steps_per_execution, jit_compile=t.speed.jit_compile,
     )  # fmt: skip
-
-    data = datasets.load_npz(DATA)
-    datasets.check_sizes(len(data["y_train"]), len(data["y_test"]), t)
-    x, y = data["x_train"], registry.encode_labels(data["y_train"], registry.LOSSES[t.loss])
     stopper = early_stopping(t.early_stopping)
     callbacks = [*watch, StopOnDivergence(t.optimizer), *([stopper] if stopper else [])]
 
     def fit(**kwargs: object) -> dict[str, list[float]]:
-        try:
+        with cluster_errors():
             return loop.fit(x, y, epochs=t.epochs, batch_size=t.batch_size, validation_split=t.validation_split,
                             seed=t.seed, **kwargs)  # fmt: skip
-        except tf.errors.UnavailableError as exc:  # multi_worker: a peer stopped mid-run
-            said = [line.strip() for line in (exc.message or "").splitlines() if "abort" in line.lower()][:1]
-            raise StageError("train.distribute: multi_worker: another worker stopped or cannot be reached"
-                             + (f" (TensorFlow: {said[0][:200]})" if said else "")) from None  # fmt: skip
 
     if not engine.is_chief(strategy):  # another worker of a multi_worker run: train, write nothing
         fit(callbacks=callbacks, verbose=0)
-        print("worker done: the chief writes the outputs")
+        with cluster_errors():
+            engine.finish(strategy)  # waits for the chief's outputs; StageError if it failed to write them
+        print("worker done: the chief wrote the outputs")
         return
 
-    with atomic.target(LIVE_DIR) as live_dir, atomic.target(serving.MODEL_DIR) as model_dir:
-        with Live(str(live_dir), save_dvc_exp=False, dvcyaml=None) as live:
-            # before dvclive's callback, so that it logs the keys GradientStats adds
-            probe = [GradientStats(loss, x[:PROBE_ROWS], y[:PROBE_ROWS])] if t.log_gradients else []
-            start = time.perf_counter()
-            verbose = 1 if sys.stdout.isatty() else 2  # a progress bar at a terminal, a line an epoch in a log
-            history = fit(callbacks=[*probe, DVCLiveCallback(live=live), *callbacks], verbose=verbose)
-            seconds = time.perf_counter() - start
-            saved = saved_epoch(history, stopper)  # the summary describes the model that is saved
-            live.summary["epochs_run"] = len(history["loss"])
-            live.summary["saved"] = {"epoch": saved + 1, **{k: v[saved] for k, v in history.items()}}
-        stats = json.loads(STATS.read_text())
-        shipped = export.standalone(model, stats, t, wiring, optimizer)
-        export.save(shipped, model_dir, serving.card(t.loss, wiring, stats))
-        params.check_unchanged(p, "model", "train")  # before the outputs move into place
-
-    # Timings differ from run to run: they stay out of the tracked outputs (same params, same bytes).
-    epoch_s = [round(s, 4) for s in loop.epoch_seconds]
-    atomic.write_json(TIMINGS, {"train_time_s": round(seconds, 3), "epochs_run": len(epoch_s), "epoch_s": epoch_s})
+    trained = False  # multi_worker: once trained, the other workers wait for the chief's word on the outputs
+    try:
+        with atomic.target(LIVE_DIR) as live_dir, atomic.target(serving.MODEL_DIR) as model_dir:
+            with Live(str(live_dir), save_dvc_exp=False, dvcyaml=None) as live:
+                # before dvclive's callback, so that it logs the keys GradientStats adds
+                probe = [GradientStats(loss, x[:PROBE_ROWS], y[:PROBE_ROWS])] if t.log_gradients else []
+                start = time.perf_counter()
+                verbose = 1 if sys.stdout.isatty() else 2  # a progress bar at a terminal, a line an epoch in a log
+                history = fit(callbacks=[*probe, DVCLiveCallback(live=live), *callbacks], verbose=verbose)
+                seconds, trained = time.perf_counter() - start, True
+                saved = saved_epoch(history, stopper)  # the summary describes the model that is saved
+                live.summary["epochs_run"] = len(history["loss"])
+                live.summary["saved"] = {"epoch": saved + 1, **{k: v[saved] for k, v in history.items()}}
+            stats = json.loads(STATS.read_text(encoding="utf-8"))
+            shipped = export.standalone(model, stats, t, wiring, optimizer)
+            export.save(shipped, model_dir, serving.card(t.loss, wiring, stats))
+            params.check_unchanged(p, "model", "train")  # before the outputs move into place
+        write_timings(seconds, loop.epoch_seconds)
+    except Exception as exc:
+        if multi and trained:
+            said = f"cannot write {exc.filename}: {exc.strerror}" if isinstance(exc, OSError) else str(exc)
+            engine.finish(strategy, " ".join(said.split()))
+        raise
+    if multi:
+        engine.finish(strategy)
     print(f"trained {len(history['loss'])} epochs in {seconds:.1f}s; saved epoch {saved + 1} -> {serving.MODEL_DIR}/")
 
 

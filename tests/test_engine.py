@@ -1,4 +1,5 @@
-"""The training engine: model.fit's math, data-parallel on two workers, its params, its benchmark."""
+"""The training engine: model.fit's math (every optimizer option against fit itself), data-parallel on two workers
+(and what they must agree on), its params, its benchmark."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import keras
@@ -19,7 +21,7 @@ from tests.harness import ENV, ROOT, free_ports, run, wait_for, write_params
 PYTHON = sys.executable
 QUIET = {**ENV, "TF_CPP_MIN_LOG_LEVEL": "2"}
 
-pytestmark = pytest.mark.slow  # subprocesses: stages, TensorFlow in each
+pytestmark = pytest.mark.slow(minutes=2)  # subprocesses: stages, TensorFlow in each
 
 
 @pytest.mark.parametrize(
@@ -41,6 +43,19 @@ def with_data(project: Path, small: dict[str, np.ndarray]) -> Path:
     np.savez(project / "data/normalized/dataset.npz", **small)
     (project / "data/normalized/stats.json").write_text(json.dumps({"method": "scale", "mean": 0.0, "std": 1.0}))
     return project
+
+
+def start_workers(folders: tuple[Path, Path]) -> list[subprocess.Popen]:
+    """`python -m stages.train` in both folders: workers 0 (the chief) and 1 on localhost (stderr piped)."""
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    config = [json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}) for i in (0, 1)]
+    return [
+        subprocess.Popen(
+            [PYTHON, "-m", "stages.train"], cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env={**QUIET, "TF_CONFIG": config[i]},
+        )
+        for i, folder in enumerate(folders)
+    ]  # fmt: skip
 
 
 def test_two_workers_on_localhost_train_like_one_and_only_the_chief_writes(
@@ -76,7 +91,7 @@ def test_two_workers_on_localhost_train_like_one_and_only_the_chief_writes(
         ))  # fmt: skip
     outputs = [proc.communicate(timeout=300)[0] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], outputs
-    assert "worker done: the chief writes the outputs" in outputs[1]
+    assert "worker done: the chief wrote the outputs" in outputs[1]
     assert sorted(p.name for p in other.iterdir()) == ["data", "params.yaml", "stages"]  # nothing written
     run([PYTHON, "-m", "stages.train"], single, check=True)
 
@@ -106,26 +121,75 @@ def test_a_chief_stopped_mid_training_ends_both_workers_with_one_line_each(
         os.symlink(chief / name, other / name)
     for folder in (chief, other):
         write_params(folder, {"train": {"epochs": 500, "distribute": "multi_worker"}})
-    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
-    config = [json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}) for i in (0, 1)]
-    procs = [
-        subprocess.Popen(
-            [PYTHON, "-m", "stages.train"], cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            env={**QUIET, "TF_CONFIG": config[i]},
-        )
-        for i, folder in enumerate((chief, other))
-    ]  # fmt: skip
+    procs = start_workers((chief, other))
     wait_for(lambda: list(chief.glob("metrics/.train.*.tmp/plots/metrics/train/loss.tsv")), 120, "the first epoch")
     whom, status, said = stop
     if whom == "stage":
         procs[0].send_signal(signal.SIGTERM)
     else:
-        os.kill(int(Path(f"/proc/{procs[0].pid}/task/{procs[0].pid}/children").read_text().split()[0]), signal.SIGKILL)
+        children = Path(f"/proc/{procs[0].pid}/task/{procs[0].pid}/children").read_text(encoding="utf-8")
+        os.kill(int(children.split()[0]), signal.SIGKILL)
     lines = [proc.communicate(timeout=120)[1] for proc in procs]
     assert procs[0].returncode == status and lines[0].strip().splitlines()[-1].startswith(said), lines[0]
     assert not list(chief.glob("metrics/.*.tmp")) and not (chief / "models").exists()
     line = lines[1].strip().splitlines()[-1]
     assert procs[1].returncode == 2 and line.startswith("error: train.distribute: multi_worker: another"), lines[1]
+
+
+DISAGREEMENTS = {  # (worker 1's params, whether its data differs by one pixel, what the line names)
+    "epochs": ({"epochs": 2}, False, "train.epochs: chief 1, worker 1 2;"),
+    "batch_size": ({"batch_size": 64}, False, "train.batch_size: chief 32, worker 1 64;"),
+    "data": ({}, True, "the training data (data/normalized/dataset.npz): chief 1000 examples, sha256 "),
+}
+
+
+@pytest.mark.parametrize("case", DISAGREEMENTS)
+def test_workers_that_disagree_on_params_or_data_all_stop_before_training_naming_both_values(
+    project: Path, small: dict[str, np.ndarray], tmp_path_factory: pytest.TempPathFactory, case: str
+) -> None:
+    """The chief ran `dvc exp run -S train.epochs=...`, worker 1 its committed params (or other data):
+    every worker stops with the same line, naming the key and both values, exit 2; nothing written."""
+    changes, other_data, named = DISAGREEMENTS[case]
+    chief = with_data(project, small)
+    other = tmp_path_factory.mktemp("worker1")
+    os.symlink(chief / "stages", other / "stages")
+    if other_data:
+        x = small["x_train"].copy()
+        x[0, 0, 0] = 1.0
+        with_data(other, {**small, "x_train": x})
+    else:
+        os.symlink(chief / "data", other / "data")
+    common = {"epochs": 1, "distribute": "multi_worker", "cluster_timeout_s": 120}
+    write_params(chief, {"train": {**common, "speed": {"threads": 2}}})  # a per-host setting: no disagreement
+    write_params(other, {"train": {**common, **changes}})
+    procs = start_workers((chief, other))
+    lines = [(proc.communicate(timeout=120)[1].strip().splitlines() or [""])[-1] for proc in procs]
+    assert [proc.returncode for proc in procs] == [2, 2], ([proc.returncode for proc in procs], lines)
+    for line in lines:
+        assert line.startswith("error: train.distribute: multi_worker: workers disagree on ") and named in line, lines
+        assert line.endswith("run every worker with the same params.yaml and data"), lines
+    assert not (chief / "models").exists() and not (chief / "metrics").exists()
+
+
+def test_a_worker_does_not_say_done_when_the_chief_fails_after_training(
+    project: Path, small: dict[str, np.ndarray], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The chief trains, writes the model, then cannot write metrics/timings.json (a folder there): it
+    fails, and worker 1, which trained its share, fails with the chief's line rather than "worker done"."""
+    chief = with_data(project, small)
+    other = tmp_path_factory.mktemp("worker1")
+    for name in ("stages", "data"):
+        os.symlink(chief / name, other / name)
+    for folder in (chief, other):
+        write_params(folder, {"train": {"epochs": 1, "distribute": "multi_worker"}})
+    (chief / "metrics/timings.json").mkdir(parents=True)
+    procs = start_workers((chief, other))
+    lines = [(proc.communicate(timeout=120)[1].strip().splitlines() or [""])[-1] for proc in procs]
+    assert [proc.returncode for proc in procs] == [2, 2], ([proc.returncode for proc in procs], lines)
+    assert lines[0].startswith("error: cannot read or write metrics/.timings.json.") and "Is a directory" in lines[0]
+    assert lines[1].startswith("error: train.distribute: multi_worker: the chief failed after training: cannot "
+                               "write metrics/.timings.json."), lines  # fmt: skip
+    assert lines[1].endswith("Is a directory"), lines
 
 
 def test_a_worker_that_never_starts_ends_the_run_at_the_deadline_and_a_signal_ends_it_sooner(
@@ -161,8 +225,9 @@ def waiting_for_the_cluster(stage: int, timeout: float = 60) -> int:
     threads have started: dozens of them)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        children = Path(f"/proc/{stage}/task/{stage}/children").read_text().split()
-        if children and int(Path(f"/proc/{children[0]}/status").read_text().split("Threads:")[1].split()[0]) > 50:
+        children = Path(f"/proc/{stage}/task/{stage}/children").read_text(encoding="utf-8").split()
+        status = Path(f"/proc/{children[0]}/status").read_text(encoding="utf-8") if children else ""
+        if children and int(status.split("Threads:")[1].split()[0]) > 50:
             time.sleep(1)  # into the wait itself
             return int(children[0])
         time.sleep(0.2)
@@ -205,3 +270,76 @@ def test_the_training_benchmark_runs_on_tiny_sizes() -> None:
     assert proc.stdout.count("speed-up:") == 4 and "portable / host-native" in proc.stdout and " MB" in proc.stdout, (
         proc.stdout
     )
+
+
+# Every optimizer argument Keras' model.fit treats specially (use_ema: finalize_variable_values at the end;
+# loss_scale_factor and LossScaleOptimizer: scale_loss in the step), and those optimizer.apply acts on
+# (clipping, accumulation, EMA updates and overwrites, weight decay, iterations for a schedule).
+DECAY = keras.optimizers.schedules.ExponentialDecay(0.01, decay_steps=2, decay_rate=0.5)
+FIT_OPTIONS = {
+    "plain": {},
+    "use_ema": {"use_ema": True, "ema_momentum": 0.9},
+    "use_ema+ema_overwrite_frequency": {"use_ema": True, "ema_momentum": 0.9, "ema_overwrite_frequency": 3},
+    "use_ema+early_stopping": {"use_ema": True, "ema_momentum": 0.9},  # fit: averages swapped in, then best restored
+    "gradient_accumulation_steps": {"gradient_accumulation_steps": 3},
+    "gradient_accumulation_steps+schedule": {"gradient_accumulation_steps": 2, "learning_rate": DECAY},
+    "loss_scale_factor": {"loss_scale_factor": 128.0},
+    "loss_scale_optimizer": {},  # mixed_float16's wrapper (dynamic loss scaling), here around float32
+    "global_clipnorm": {"global_clipnorm": 0.05},
+    "clipnorm": {"clipnorm": 0.02},
+    "clipvalue": {"clipvalue": 0.002},
+    "weight_decay": {"weight_decay": 0.5},
+}
+
+
+@pytest.mark.parametrize("case", FIT_OPTIONS)
+def test_the_loop_ends_where_model_fit_ends_for_every_optimizer_option(case: str) -> None:
+    """A tiny model, 3 epochs of 7 batches (the last partial) in the loop's own shuffled order, from the
+    same weights: once through `keras.Model.fit` (fed those batches in order), once through
+    `engine.Loop.fit`. The weights each ends with (those train exports), the losses and the optimizer's
+    iterations must agree. With EarlyStopping (stops after epoch 2, restores epoch 1) fit swaps the
+    averages in, then restores the best epoch's weights over them: the loop must do both, in that order."""
+    import tensorflow as tf
+
+    from stages.lib import engine
+
+    n, batch, epochs, seed = 100, 16, 3, 5
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(n, 6)).astype(np.float32), rng.integers(0, 10, n).astype(np.int32)
+
+    def build() -> tuple[keras.Model, keras.optimizers.Optimizer]:
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, "relu"), keras.layers.Dense(10, "softmax")])
+        optimizer = keras.optimizers.AdamW(**{"learning_rate": 0.01, "weight_decay": 0.0, **FIT_OPTIONS[case]})
+        if case == "loss_scale_optimizer":
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        return model, optimizer
+
+    def stopper() -> list[keras.callbacks.Callback]:
+        return [keras.callbacks.EarlyStopping("loss", 10.0, restore_best_weights=True)] if "early" in case else []
+
+    def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:  # the loop's: a permutation an epoch, last one partial
+        order_rng = np.random.default_rng(seed)
+        for _ in range(epochs):
+            order = order_rng.permutation(n)
+            for start in range(0, n, batch):
+                yield x[order[start : start + batch]], y[order[start : start + batch]]
+
+    reference, keras_optimizer = build()
+    reference.compile(optimizer=keras_optimizer, loss=keras.losses.SparseCategoricalCrossentropy())
+    steps = -(-n // batch)
+    fitted = reference.fit(batches(), steps_per_epoch=steps, epochs=epochs, shuffle=False, callbacks=stopper(),
+                           verbose=0).history  # fmt: skip
+
+    model, optimizer = build()
+    loop = engine.Loop(
+        model, keras.losses.SparseCategoricalCrossentropy(), lambda: [], optimizer, tf.distribute.get_strategy(),
+        steps_per_execution=4, jit_compile=True,
+    )  # fmt: skip
+    history = loop.fit(x, y, epochs=epochs, batch_size=batch, validation_split=0.0, seed=seed, callbacks=stopper(),
+                       verbose=0)  # fmt: skip
+    assert len(history["loss"]) == len(fitted["loss"]) == (2 if "early" in case else epochs)
+    np.testing.assert_allclose(history["loss"], fitted["loss"], rtol=1e-5)
+    assert int(optimizer.iterations) == int(keras_optimizer.iterations)
+    for ours, keras_own in zip(model.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_allclose(ours, keras_own, atol=2e-6)

@@ -244,3 +244,14 @@ def test_a_wrong_type_where_keras_defaults_to_none_is_refused_by_params() -> Non
         with pytest.raises(ParamError, match=f"train.optimizer.{key}: expected a"):
             make({"optimizer": optimizer})
     make({"optimizer": {"name": "adam", "clipnorm": 1}})  # an integer is a number
+
+
+@pytest.mark.parametrize("argument", registry.ONE_REPLICA_ONLY)
+def test_an_optimizer_argument_keras_cannot_honour_on_several_replicas_is_refused_with_them(argument: str) -> None:
+    """Keras' optimizer clips each replica's share of the gradient (the update would depend on the replica
+    count) and fails under tf.distribute with accumulation or EMA overwrites: one line naming the key."""
+    optimizer = {"name": "adam", argument: 2, **({"use_ema": True} if argument.startswith("ema_") else {})}
+    for distribute in ("mirrored", "multi_worker"):
+        with pytest.raises(ParamError, match=f"train.optimizer.{argument}: not with train.distribute: {distribute}: "):
+            make({"optimizer": optimizer, "distribute": distribute})
+    make({"optimizer": optimizer})  # one replica: model.fit's own math, which the loop matches

@@ -123,6 +123,8 @@ NO_EFFECT = [
     ({"optimizer": {"name": "adam", "ema_momentum": 0.9}}, "optimizer.ema_momentum", "use_ema: true"),
     ({"optimizer": {"name": "adamw", "ema_overwrite_frequency": 5}}, "optimizer.ema_overwrite_frequency", "use_ema:"),
     ({"optimizer": ADAM_01, "lr_schedule": SCHEDULE}, "optimizer.learning_rate", "0.1) sets"),
+    ({"optimizer": {"name": "adam", "use_ema": True}, "early_stopping": {"enabled": True}}, "optimizer.use_ema",
+     "restore_best_weights: true: as in model.fit"),
 ]  # fmt: skip
 WITH_WHAT_IT_NEEDS = [
     {"loss": FOCAL, "loss_args": {"alpha": 0.9, "apply_class_balancing": True}},
@@ -130,6 +132,10 @@ WITH_WHAT_IT_NEEDS = [
     {"optimizer": {"name": "adam", "ema_momentum": 0.9, "use_ema": True}},
     {"optimizer": {"name": "adamw", "ema_overwrite_frequency": 5, "use_ema": True}},
     {"optimizer": {"name": "adam", "learning_rate": 0.1}, "lr_schedule": SCHEDULE},
+    {
+        "optimizer": {"name": "adam", "use_ema": True},
+        "early_stopping": {"enabled": True, "restore_best_weights": False},
+    },
 ]
 
 
@@ -185,3 +191,19 @@ def test_an_argument_set_to_its_default_trains_the_same_model(project_copy: Path
     # the LiteRT file holds the weights and the math; model.keras and the SavedModel also record the
     # optimizer's arguments and TensorFlow's function counters, which the trial moves on
     assert model_bytes(project_copy)["models/model.tflite"] == without["models/model.tflite"]
+
+
+def test_use_ema_ships_the_moving_averages(project_copy: Path) -> None:
+    """Keras issue 18949: model.fit ends by swapping each weight for its moving average
+    (`finalize_variable_values`); the loop must too, before the model is exported, or `use_ema: true`
+    ships the very weights of the run without it (the fixture's run: the same params but use_ema)."""
+    without = model_bytes(project_copy)["models/model.tflite"]
+    status, output = train(project_copy, {"train": {"epochs": 1, "optimizer": {"use_ema": True}}})
+    assert status == 0, output
+    same = model_bytes(project_copy)["models/model.tflite"] == without
+    assert not same, "use_ema: true shipped the weights of the run without it"
+    model = keras.saving.load_model(project_copy / "models/model.keras", safe_mode=True)
+    averages = {v.path: v for v in model.optimizer.variables if v.path.endswith("_average")}
+    assert len(averages) == len(model.trainable_variables) == 4, sorted(averages)
+    for weight, average in zip(model.trainable_variables, averages.values(), strict=True):
+        np.testing.assert_array_equal(weight.numpy(), average.numpy())

@@ -7,7 +7,13 @@ and one `tf.function` runs `steps_per_execution` steps per call, each a `strateg
 per-replica step (every replica gathers its share of the global batch; the optimizer sums the
 gradients across replicas). With one replica the whole call is XLA-compiled (`jit_compile`).
 The math is `model.fit`'s: the same shuffled batches (the last one partial), the loss averaged
-over the global batch, one optimizer update per batch, validation on the held-out tail.
+over the global batch (through `optimizer.scale_loss`, as fit's step), one `apply_gradients` per batch
+(where Keras clips, accumulates, decays and keeps its moving averages), validation on the held-out
+tail, and fit's end: `finalize_variable_values` (use_ema), then the callbacks' `on_train_end`.
+
+Under `multi_worker`, `check_agreement` stops every worker before the first variable unless all
+train the same params on the same data, and `finish` carries the chief's word on its outputs to the
+other workers, so that none reports success for a run that failed.
 
 Keras callbacks drive everything around it (progress bar, history, dvclive, early stopping),
 called at the same moments `fit` calls them.
@@ -15,9 +21,11 @@ called at the same moments `fit` calls them.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import keras
 import numpy as np
@@ -63,6 +71,67 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     if "chief" in cluster:
         return resolver.task_type == "chief"
     return resolver.task_type == "worker" and resolver.task_id == 0
+
+
+def task_name(strategy: tf.distribute.Strategy) -> str:
+    """This process in a multi_worker line: "chief" (the one that writes), else "worker 1" (TF_CONFIG's task)."""
+    if is_chief(strategy):
+        return "chief"
+    return f"{strategy.cluster_resolver.task_type} {strategy.cluster_resolver.task_id}"
+
+
+def exchange(strategy: tf.distribute.Strategy, value: Any) -> list[Any]:
+    """Every replica's JSON-able `value`, this process's among them, in replica order (a process with
+    several replicas appears once per replica): `strategy.gather` of the texts' lengths (int32, one per
+    replica), then of the UTF-8 texts as int32 codes, padded to the longest. For a few bytes before or
+    after training, never between its steps; every worker must call it at the same point."""
+    text = np.frombuffer(json.dumps(value).encode(), np.uint8).astype(np.int32)
+
+    def gather(mine: np.ndarray) -> np.ndarray:
+        values = strategy.experimental_distribute_values_from_function(lambda _: tf.constant(mine))
+        return strategy.gather(values, axis=0).numpy()
+
+    lengths = gather(np.array([len(text)], np.int32))
+    padded = np.zeros((1, lengths.max()), np.int32)
+    padded[0, : len(text)] = text
+    rows = gather(padded)
+    return [json.loads(row[:length].astype(np.uint8).tobytes()) for row, length in zip(rows, lengths, strict=True)]
+
+
+def check_agreement(strategy: tf.distribute.Strategy, settings: dict[str, str]) -> None:
+    """Stop every worker of a multi_worker run, before any variable or step, unless all hold the same
+    `settings` (what shapes training, key -> value as shown): each raises StageError with the same line,
+    naming the first key (in the chief's order) where a worker differs from the chief, and both values.
+
+    Without it, workers with other params or data meet in collectives of other shapes or counts: they
+    wait out the cluster timeout, or one fails blaming the network while another ends as if it trained.
+    """
+    everyone = exchange(strategy, [task_name(strategy), settings])
+    chief = next(values for name, values in everyone if name == "chief")
+    for name, values in everyone:
+        for key in [*chief, *(k for k in values if k not in chief)]:
+            if values.get(key) != chief.get(key):
+                chiefs, theirs = (v.get(key, "(not set)") for v in (chief, values))
+                raise StageError(
+                    f"train.distribute: multi_worker: workers disagree on {key}: chief {chiefs}, {name} {theirs}; "
+                    "run every worker with the same params.yaml and data"
+                )
+
+
+def finish(strategy: tf.distribute.Strategy, failure: str | None = None) -> None:
+    """After a multi_worker run has trained, the chief tells the other workers how writing the outputs
+    went (`failure`: its error line, or None); they wait for it, and raise StageError with the chief's
+    line if it failed, so that no worker reports success for a run that failed. The chief goes on
+    whatever the others do (one that has gone no longer needs telling)."""
+    try:
+        everyone = exchange(strategy, [task_name(strategy), failure])
+    except tf.errors.OpError:
+        if is_chief(strategy):
+            return
+        raise
+    said = next(failure for name, failure in everyone if name == "chief")
+    if said is not None and not is_chief(strategy):
+        raise StageError(f"train.distribute: multi_worker: the chief failed after training: {said}")
 
 
 def set_threads(threads: int) -> None:
@@ -155,7 +224,8 @@ class Loop:
         callbacks: Sequence[keras.callbacks.Callback],
         verbose: int,
     ) -> dict[str, list[float]]:
-        """model.fit's contract: the last `validation_split` held out, reshuffled batches each epoch."""
+        """model.fit's contract: the last `validation_split` held out, reshuffled batches each epoch, and
+        its end: the optimizer's final values, then `on_train_end`. Returns the History's dict."""
         n_train, _ = datasets.fit_validation_counts(len(x), validation_split)
         x_train, y_train = tf.constant(x[:n_train]), tf.constant(y[:n_train])
         x_val, y_val = x[n_train:], y[n_train:]
@@ -194,6 +264,10 @@ class Loop:
             hooks.on_epoch_end(epoch, logs)
             if self.model.stop_training:
                 break
+        # model.fit's end, in its order: the optimizer's final values (use_ema: each weight becomes its
+        # moving average), then on_train_end, where EarlyStopping restores its best epoch's weights
+        with self.strategy.scope():
+            self.optimizer.finalize_variable_values(self.model.trainable_variables)
         hooks.on_train_end(logs)
         return self.model.history.history
 

@@ -312,8 +312,28 @@ NEEDS: dict[tuple[str, str, str], tuple[Callable[[Mapping[str, Any]], bool], str
 }
 
 
+# Optimizer arguments Keras' optimizers cannot honour with several replicas (train.distribute mirrored or
+# multi_worker), in model.fit as in this project's loop (base_optimizer.py, backend/tensorflow/optimizer.py):
+# each replica clips its own share of the gradient before the replicas' shares are summed, and gradient
+# accumulation and the EMA overwrite call merge_call inside a cond, which tf.distribute refuses mid-trace.
+_PER_REPLICA_CLIP = (
+    "Keras clips each replica's share of the gradient, not the batch's, so the update would depend on the "
+    "number of replicas"
+)
+_MERGE_IN_COND = "Keras' optimizer fails under tf.distribute with it (merge_call inside a cond; model.fit too)"
+ONE_REPLICA_ONLY: dict[str, str] = {
+    "clipnorm": _PER_REPLICA_CLIP,
+    "clipvalue": _PER_REPLICA_CLIP,
+    "global_clipnorm": _PER_REPLICA_CLIP,
+    "gradient_accumulation_steps": _MERGE_IN_COND,
+    "ema_overwrite_frequency": _MERGE_IN_COND,
+}
+
+
 def check_effect(train: TrainParams) -> None:
-    """Raise ParamError for an argument that would be accepted and then have no effect (NEEDS)."""
+    """Raise ParamError for an argument that would be accepted and then have no effect (NEEDS, and
+    use_ema under EarlyStopping's restore) or would not do with several replicas what it does with one
+    (ONE_REPLICA_ONLY)."""
     given = {
         "train.loss_args": (train.loss, train.loss_args),
         "train.optimizer": (train.optimizer.name, train.optimizer.kwargs),
@@ -323,6 +343,21 @@ def check_effect(train: TrainParams) -> None:
         if owner in ("*", name) and argument in kwargs and not takes_effect(kwargs):
             message = f"has no effect for '{name}' without {needs}; add it, or drop this"
             raise ParamError(f"{section}.{argument}", message)
+    opt, es = train.optimizer.kwargs, train.early_stopping
+    if opt.get("use_ema") is True and not opt.get("ema_overwrite_frequency") and es.enabled and es.restore_best_weights:
+        raise ParamError(
+            "train.optimizer.use_ema",
+            "has no effect with train.early_stopping.restore_best_weights: true: as in model.fit, the moving "
+            "averages replace the weights at the end, then EarlyStopping restores its best epoch's own weights "
+            "over them; set restore_best_weights: false, or drop use_ema",
+        )
+    unsafe = next((name for name in ONE_REPLICA_ONLY if name in opt), None)
+    if unsafe and train.distribute != "none":
+        raise ParamError(
+            f"train.optimizer.{unsafe}",
+            f"not with train.distribute: {train.distribute}: {ONE_REPLICA_ONLY[unsafe]}; drop it, or train "
+            "with distribute: none",
+        )
     schedule_lr = train.lr_schedule.kwargs.get("initial_learning_rate")
     optimizer_lr = train.optimizer.kwargs.get("learning_rate")
     if None not in (schedule_lr, optimizer_lr) and schedule_lr != optimizer_lr:
