@@ -158,6 +158,14 @@ def test_every_learning_rate_schedule_builds_from_params(schedule: dict) -> None
     assert float(opt._learning_rate(500)) < first
 
 
+@pytest.mark.parametrize(("optimizer", "own"), [("sgd", 0.01), ("adam", 0.001), ("rmsprop", 0.001)])
+def test_a_schedule_without_a_learning_rate_starts_at_the_optimizers_own_default(optimizer: str, own: float) -> None:
+    schedule = {"name": "exponential_decay", "decay_steps": 100, "decay_rate": 0.9}
+    opt = registry.make_optimizer(make({"optimizer": {"name": optimizer}, "lr_schedule": schedule}).train)
+    assert float(opt._learning_rate(0)) == pytest.approx(own)  # SGD's 0.01, not a shared 0.001
+    assert own == pytest.approx(keras.optimizers.get(optimizer).get_config()["learning_rate"])
+
+
 def test_bad_schedule_arguments_are_clear() -> None:
     with pytest.raises(ParamError, match="train.lr_schedule.decay_step: not a parameter of schedule 'cosine_decay'"):
         registry.make_optimizer(make({"lr_schedule": {"name": "cosine_decay", "decay_step": 10}}).train)

@@ -401,7 +401,9 @@ def schedule_kwargs(train: TrainParams) -> dict[str, Any]:
     sched = train.lr_schedule
     class_name, kwargs = LR_SCHEDULES[sched.name], dict(sched.kwargs)
     if "initial_learning_rate" in _accepted("schedule", class_name, set()) and "initial_learning_rate" not in kwargs:
-        kwargs["initial_learning_rate"] = float(train.optimizer.kwargs.get("learning_rate", 0.001))
+        optimizer = next(name for name in _keras_classes("optimizer") if name.lower() == train.optimizer.name)
+        own = _accepted("optimizer", optimizer, set())["learning_rate"]  # SGD's 0.01, Adam's 0.001, ...
+        kwargs["initial_learning_rate"] = float(train.optimizer.kwargs.get("learning_rate", own))
     what = f"schedule '{sched.name}'"
     return _check_kwargs(kwargs, "schedule", class_name, {"name"}, key="train.lr_schedule", what=what)
 
