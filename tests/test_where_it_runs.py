@@ -132,11 +132,20 @@ def test_commands_that_write_no_dvc_output_take_no_lock(project: Path) -> None:
         holder.wait()
 
 
+def importing_tensorflow(pid: int) -> bool:
+    """TensorFlow's import is under way in `pid` (its framework library is mapped): the stage's own
+    guard, installed before that import, is in place; what it observes, not a guessed number of seconds."""
+    try:
+        return "libtensorflow_framework" in Path(f"/proc/{pid}/maps").read_text(encoding="utf-8")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 def test_a_signal_during_tensorflows_import_is_one_line(project: Path) -> None:
     """Ctrl-C in the first seconds of `python -m stages.train`, while TensorFlow is still importing."""
     stage = subprocess.Popen([PYTHON, "-m", "stages.train"], cwd=project, env=ENV, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.0)  # TensorFlow's import takes several seconds
-    stage.send_signal(signal.SIGINT)
+    wait_for(lambda: importing_tensorflow(stage.pid), 60, "TensorFlow's import to start", every=0.01)
+    stage.send_signal(signal.SIGINT)  # its import takes seconds more
     _, stderr = stage.communicate(timeout=60)
     assert stage.returncode == 130, stderr
     assert stderr.strip() == "interrupted (Ctrl-C): the previous outputs are kept; run it again to recover"
@@ -152,7 +161,12 @@ def test_a_stage_whose_dvc_dies_during_its_imports_ends_too(project: Path, tmp_p
         [str(fake), PYTHON, "-m", "stages.train"], cwd=project, env={**ENV, "DVC_STAGE": "train"},
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    time.sleep(1.0)
+
+    def stage() -> int | None:
+        children = Path(f"/proc/{dvc.pid}/task/{dvc.pid}/children").read_text(encoding="utf-8").split()
+        return int(children[0]) if children and importing_tensorflow(int(children[0])) else None
+
+    wait_for(stage, 60, "the stage to start importing TensorFlow", every=0.01)
     dvc.kill()
     assert dvc.stderr is not None
     deadline = time.monotonic() + 60
