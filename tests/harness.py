@@ -223,7 +223,8 @@ class FileServer:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
     def __enter__(self) -> FileServer:
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        # polling every 20 ms, not 0.5 s: shutdown waits for one poll, at the end of every download test
+        threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True).start()
         return self
 
     def __exit__(self, *exc: object) -> None:
