@@ -17,21 +17,24 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import re
 import subprocess
 import sys
 import time
 from itertools import chain
 from pathlib import Path
+from typing import Any
 
 import dvc.api
+import psutil
 from dvc.repo import Repo
 
 from stages import report
 from stages.lib import cache_integrity, errors, runner
 
 POLL_S = 2.0  # how often the queue is looked at
-START_S = 120.0  # workers not seen by then never started
+START_S = 60.0  # workers not seen by then never started
 WORKER_LOGS = ".dvc/tmp/exps/celery/dvc-exp-worker-*.out"
 
 
@@ -66,25 +69,54 @@ def run_dvc(*args: str) -> str:
 def run_queued(repo: Repo, names: list[str], jobs: int) -> None:
     """Start `jobs` queue workers and return once none of `names` is queued or running.
 
-    Raises StageError when the workers stop (or never start) while some are still waiting.
+    Raises StageError when the workers stop (or never start) while some are still waiting; those are
+    stopped and taken off the queue first, as they are when Ctrl-C or SIGTERM stops the sweep.
     """
     queue = repo.experiments.celery_queue
     queue.start_workers(count=jobs)
     print(f"running {len(names)} experiments on {jobs} DVC queue workers (follow one: dvc queue logs NAME -f)")
     began, seen, waiting = time.monotonic(), False, set(names)
+    runner.on_signal(lambda: stop(sorted(waiting)))
     while waiting:
         time.sleep(POLL_S)
         pending = {entry.name for entry in chain(queue.iter_queued(), queue.iter_active())}
         for name in sorted(waiting - pending):
             waiting.discard(name)
             print(f"  {len(names) - len(waiting)} of {len(names)} ended after {time.monotonic() - began:.0f} s: {name}")
-        alive = bool(queue.worker_status())
+        alive = workers_alive(queue)
         seen = seen or alive
         if waiting and not alive and (seen or time.monotonic() - began > START_S):
+            left = sorted(waiting)
             raise errors.StageError(
-                f"DVC's queue workers stopped with {len(waiting)} of {len(names)} experiments not run "
-                f"({', '.join(sorted(waiting))}); see why: tail {WORKER_LOGS}. `dvc queue start -j {jobs}` runs them"
+                f"DVC's queue workers stopped with {len(left)} of {len(names)} experiments unfinished "
+                f"({', '.join(left)}); {stop(left)}. Why they stopped: tail {WORKER_LOGS}. Run the sweep again: "
+                "what finished comes from the run-cache"
             )
+
+
+def workers_alive(queue: Any) -> bool:
+    """Whether one of DVC's queue workers is running: the process DVC records for it (celery's own
+    answer, `worker_status`, can lag its start by seconds, and comes after a one-second wait)."""
+    records = [json.loads(path.read_text(encoding="utf-8")) for path in Path(queue.wdir).glob("dvc-exp-worker-*.json")]
+    if not records:
+        return bool(queue.worker_status())
+    return any(r.get("returncode") is None and psutil.pid_exists(r["pid"]) for r in records)
+
+
+def stop(names: list[str]) -> str:
+    """Stop what is left of `names` on DVC's queue and take them off it; returns the line's words.
+
+    `dvc queue kill --force` ends a running one (its stage ends with its `dvc`); once it is gone, a
+    second kill has DVC mark it failed, and only then does `dvc queue remove` take it (a queued one at once).
+    """
+    if not names:
+        return ""
+    for _ in range(20):
+        subprocess.run(["dvc", "queue", "kill", "--force", *names], capture_output=True, check=False)
+        if subprocess.run(["dvc", "queue", "remove", *names], capture_output=True, check=False).returncode == 0:
+            return f"the sweep's {len(names)} unfinished experiments were stopped and taken off DVC's queue"
+        time.sleep(0.5)
+    return f"its {len(names)} unfinished experiments were stopped; `dvc queue remove {' '.join(names)}` clears them"
 
 
 def main() -> None:

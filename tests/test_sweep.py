@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -59,18 +60,9 @@ def test_a_folder_dvc_cannot_encode_ends_the_sweep_and_the_study_at_once(tmp_pat
     assert "Queued" not in run(["dvc", "queue", "status"], repo).stdout
 
 
-def test_queue_workers_that_die_end_the_sweep_with_one_line(tmp_path: Path) -> None:
+def test_workers_that_die_or_a_ctrl_c_end_the_sweep_with_one_line_and_a_clean_queue(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     dvc_project(repo)
-    grid = ["-S", "train.epochs=30", "-S", "train.seed=1,2"]  # long enough to be killed mid-run
-    sweep = subprocess.Popen(
-        [PYTHON, "-m", "stages.sweep", *grid],
-        cwd=repo,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
     def workers() -> list[psutil.Process]:
         found = []
@@ -79,13 +71,31 @@ def test_queue_workers_that_die_end_the_sweep_with_one_line(tmp_path: Path) -> N
                 found.append(proc)
         return found
 
-    try:
-        for worker in wait_for(workers, 120, "DVC's queue worker"):
+    def sweep(seeds: str, stop: Callable[[subprocess.Popen[str]], None]) -> tuple[int, str]:
+        grid = ["-S", "train.epochs=30", "-S", f"train.seed={seeds}"]  # long enough to be stopped mid-run
+        command = [PYTHON, "-m", "stages.sweep", *grid, "--jobs", "2"]
+        proc = subprocess.Popen(command, cwd=repo, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(workers, 120, "DVC's queue workers")
+            stop(proc)
+            _, err = proc.communicate(timeout=300)
+        finally:
+            proc.kill()
+        assert "Traceback" not in err
+        status = run(["dvc", "queue", "status"], repo).stdout
+        assert "Running" not in status and "Queued" not in status, status  # nothing left behind, nothing stuck
+        return proc.returncode, err.strip().splitlines()[-1]
+
+    def kill_workers(_: subprocess.Popen[str]) -> None:
+        for worker in workers():
             for proc in [*worker.children(recursive=True), worker]:
                 proc.send_signal(signal.SIGKILL)
-        out, err = sweep.communicate(timeout=300)
-    finally:
-        sweep.kill()
-    line = err.strip().splitlines()[-1]
-    assert sweep.returncode == 2 and line.startswith("error: DVC's queue workers stopped with "), out + err
-    assert "`dvc queue start -j 1` runs them" in line and "Traceback" not in err
+
+    status, line = sweep("1,2", kill_workers)
+    assert status == 2 and line.startswith("error: DVC's queue workers stopped with 2 of 2 experiments unfinished")
+    assert "were stopped and taken off DVC's queue" in line and "Run the sweep again" in line
+
+    status, line = sweep("3,4", lambda proc: proc.send_signal(signal.SIGINT))
+    assert status == 130
+    assert line == "interrupted (Ctrl-C): the sweep's 2 unfinished experiments were stopped and taken off DVC's queue"
+    assert not [p for p in psutil.process_iter(["cmdline"]) if "exec-run" in " ".join(p.info["cmdline"] or [])]

@@ -135,7 +135,16 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     _end_children()
     atomic.abandon_all()
     what, status = SIGNALS[signal.Signals(signum)]
-    _fail(f"{what}: {_kept}" if _kept else what, status)
+    said = "; ".join(filter(None, [_kept, *(hook() for hook in _ON_SIGNAL)]))
+    _fail(f"{what}: {said}" if said else what, status)
+
+
+_ON_SIGNAL: list[Callable[[], str]] = []
+
+
+def on_signal(hook: Callable[[], str]) -> None:
+    """Call `hook` when Ctrl-C or SIGTERM stops this process, before it exits; its text ends the line."""
+    _ON_SIGNAL.append(hook)
 
 
 _CHILDREN: list[int] = []  # the process that runs TensorFlow under `fork_watched`: it ends with this one
