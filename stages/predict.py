@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -52,7 +53,8 @@ def shown(path: Path) -> str:
     """`path` as text any terminal can print: bytes that are not UTF-8 (an old camera's Latin-1 name,
     a zip made on Windows) as `\\xe9` escapes, the way `ls --quoting-style=escape` and Python's
     `backslashreplace` spell them."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)  # a newline: \\n
 
 
 def rejoin(given: list[Path]) -> list[Path | str]:
@@ -65,9 +67,11 @@ def rejoin(given: list[Path]) -> list[Path | str]:
             joined = Path(" ".join(str(p) for p in given[i:end]))
             if not given[i].exists() and joined.is_file():
                 name, pieces = shown(joined), ", ".join(shown(p) for p in given[i:end])
+                quoted = shlex.quote(name)
+                make = "" if set(quoted) & set('"$`\\') else f', or make predict IMG="{quoted}"'
                 out.append(
                     f"{name}: given as {end - i} names ({pieces}); quote a name with spaces: "
-                    f"python -m stages.predict '{name}', or make predict IMG='\"{name}\"'"
+                    f"python -m stages.predict {quoted}{make}"
                 )
                 i = end
                 break
@@ -114,7 +118,7 @@ def main() -> None:
                 print(f"{r['file']}: {r['digit']}   ({meaning}: {top})")
         if args.show:
             show(inputs, outputs, meaning, args.show)
-            print(f"picture -> {args.show}", file=sys.stderr)
+            print(f"picture -> {shown(args.show)}", file=sys.stderr)
     for failure in failures:
         print(f"error: {failure}", file=sys.stderr)
     if failures:

@@ -221,7 +221,7 @@ def write(exps: list[Experiment], out: Path, readme: Path | None = None) -> None
     if readme:
         update_readme(readme, table, (out / "compare.png").as_posix())
     print(table)
-    print(f"{len(exps)} experiments -> {out / 'compare.md'}, {out / 'compare.png'}")
+    print(f"{len(exps)} experiment{'s' * (len(exps) != 1)} -> {out / 'compare.md'}, {out / 'compare.png'}")
 
 
 if __name__ == "__main__":

@@ -185,7 +185,7 @@ def test_names_that_are_not_utf8_or_were_split_at_a_space_still_get_their_predic
     trained: Path, tmp_path: Path
 ) -> None:
     good = render(raw_test_split(trained)[0][0], tmp_path / "good.png", np.random.default_rng(0))
-    latin1 = tmp_path / os.fsdecode(b"caf\xe9 \xa91998.png")  # an old camera's Latin-1 name
+    latin1 = tmp_path / os.fsdecode(b"caf\xe9 \xa91998\n.png")  # an old camera's Latin-1 name (and a newline)
     spaced = tmp_path / "my digit.png"
     shutil.copy(good, latin1)
     shutil.copy(good, spaced)
@@ -194,16 +194,16 @@ def test_names_that_are_not_utf8_or_were_split_at_a_space_still_get_their_predic
     proc = run([PYTHON, "-m", "stages.predict", *args], trained, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     lines = proc.stdout.splitlines()
-    assert [line.split(": ")[0] for line in lines] == [f"{tmp_path}/caf\\xe9 \\xa91998.png", str(good)]
+    assert [line.split(": ")[0] for line in lines] == [f"{tmp_path}/caf\\xe9 \\xa91998\\n.png", str(good)]
     assert len({line.split(": ", 1)[1] for line in lines}) == 1  # the same picture, the same answer
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: {spaced}: given as 2 names ({tmp_path}/my, digit.png); quote a name with spaces: "
-        f"python -m stages.predict '{spaced}', or make predict IMG='\"{spaced}\"'"
+        f"python -m stages.predict '{spaced}', or make predict IMG=\"'{spaced}'\""
     )
     with Image.open(seen) as picture:
         assert picture.size[1] > 400  # both rows drawn
     as_json = predict_json(trained, [latin1])["predictions"][0]
-    assert as_json["file"] == f"{tmp_path}/caf\\xe9 \\xa91998.png"
+    assert as_json["file"] == f"{tmp_path}/caf\\xe9 \\xa91998\\n.png"
 
 
 def test_a_reader_that_goes_away_ends_predict_quietly(trained: Path) -> None:

@@ -84,13 +84,15 @@ def test_what_dvc_exp_run_s_writes_is_read_as_meant_and_a_valid_change_reruns_on
 
 def test_the_readmes_way_back_after_dvc_exp_apply_restores_the_edits_it_replaced(repo: Path) -> None:
     """DVC's `dvc exp apply` replaces every tracked file without a word (DVC PR 8994); the README's way
-    back, `git checkout refs/exps/apply/stash -- params.yaml stages/`, gets the user's edits again."""
+    back, `git checkout refs/exps/apply/stash -- FILE...`, gets the user's edits again."""
     run(["dvc", "exp", "run", "--temp", "--name", "normalized", "-S", "evaluate.confusion_normalize=true"], repo)
     params = (repo / "params.yaml").read_text(encoding="utf-8").replace("epochs: 1\n", "epochs: 12\n")
     (repo / "params.yaml").write_text(params, encoding="utf-8")
     code = (repo / "stages/check.py").read_text(encoding="utf-8") + "# my note\n"
     (repo / "stages/check.py").write_text(code, encoding="utf-8")
     run(["dvc", "exp", "apply", "normalized"], repo)
+    listed = run(["git", "diff", "--stat", "HEAD", "refs/exps/apply/stash"], repo).stdout
+    assert "params.yaml" in listed and "stages/check.py" in listed  # the README's way to see what was replaced
     assert "epochs: 12" not in (repo / "params.yaml").read_text(encoding="utf-8")  # gone without a word
     assert "# my note" not in (repo / "stages/check.py").read_text(encoding="utf-8")
     run(["git", "checkout", "refs/exps/apply/stash", "--", "params.yaml", "stages/"], repo)
