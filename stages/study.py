@@ -140,11 +140,11 @@ def main() -> None:
             raise errors.StageError(f"no study {args.study_name!r} in {sw.redact(url)}") from None
         design = sp.Design.from_dict(study.user_attrs["design"])
     else:
+        design = design_from(args, sw.code_id())  # first: before another worker's `dvc exp run -S` edits params.yaml
         from dvc.repo import Repo
 
         with Repo(".") as repo:  # each run is a `dvc exp run --temp`
             cache_integrity.check_runs_outside_workspace(repo)
-        design = design_from(args, sw.code_id())
         lock = sw.StorageLock(url)
         study = sw.join_study(storage, args.study_name, design, lock)
         started = time.time()

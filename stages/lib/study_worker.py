@@ -66,6 +66,9 @@ def git(*args: str) -> str:
 def code_id() -> str:
     """Hash of HEAD's pipeline files; refuses uncommitted changes to them (another machine would not have them)."""
     dirty = git("status", "--porcelain", "--untracked-files=no", "--", *PIPELINE).strip()
+    if dirty:  # another worker's `dvc exp run --temp -S` writes params.yaml for a moment (DVC stashes it): look again
+        time.sleep(2)
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", *PIPELINE).strip()
     if dirty:
         raise StageError(
             f"uncommitted changes to the pipeline ({', '.join(line[3:] for line in dirty.splitlines())}): every "
