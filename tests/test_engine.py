@@ -45,6 +45,14 @@ def with_data(project: Path, small: dict[str, np.ndarray]) -> Path:
     return project
 
 
+def beside(chief: Path, factory: pytest.TempPathFactory, name: str = "worker1") -> Path:
+    """Another folder sharing the chief's code and data (links), for a worker of its own params."""
+    other = factory.mktemp(name)
+    for part in ("stages", "data"):
+        os.symlink(chief / part, other / part)
+    return other
+
+
 def start_workers(folders: tuple[Path, Path]) -> list[subprocess.Popen]:
     """`python -m stages.train` in both folders: workers 0 (the chief) and 1 on localhost (stderr piped)."""
     workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
@@ -64,12 +72,8 @@ def test_two_workers_on_localhost_train_like_one_and_only_the_chief_writes(
     """The default model, 2 epochs, global batch 32: worker 0 (the chief) and worker 1 each
     compute half of every batch; the result matches one process training on whole batches."""
     chief = with_data(project, small)
-    other = tmp_path_factory.mktemp("worker1")
-    for name in ("stages", "data"):
-        os.symlink(chief / name, other / name)
-    single = tmp_path_factory.mktemp("single")
-    for name in ("stages", "data"):
-        os.symlink(chief / name, single / name)
+    other = beside(chief, tmp_path_factory)
+    single = beside(chief, tmp_path_factory, "single")
     write_params(single, {"train": {"epochs": 2}})
     for folder in (chief, other):
         write_params(folder, {"train": {"epochs": 2, "distribute": "multi_worker"}})
@@ -116,9 +120,7 @@ def test_a_chief_stopped_mid_training_ends_both_workers_with_one_line_each(
     (SIGKILL to the child that runs TensorFlow): the chief says which in one line and leaves no
     temporaries; the other worker, whose peer is gone, says that in one line (exit 2)."""
     chief = with_data(project, small)
-    other = tmp_path_factory.mktemp("worker1")
-    for name in ("stages", "data"):
-        os.symlink(chief / name, other / name)
+    other = beside(chief, tmp_path_factory)
     for folder in (chief, other):
         write_params(folder, {"train": {"epochs": 500, "distribute": "multi_worker"}})
     procs = start_workers((chief, other))
@@ -177,9 +179,7 @@ def test_a_worker_does_not_say_done_when_the_chief_fails_after_training(
     """The chief trains, writes the model, then cannot write metrics/timings.json (a folder there): it
     fails, and worker 1, which trained its share, fails with the chief's line rather than "worker done"."""
     chief = with_data(project, small)
-    other = tmp_path_factory.mktemp("worker1")
-    for name in ("stages", "data"):
-        os.symlink(chief / name, other / name)
+    other = beside(chief, tmp_path_factory)
     for folder in (chief, other):
         write_params(folder, {"train": {"epochs": 1, "distribute": "multi_worker"}})
     (chief / "metrics/timings.json").mkdir(parents=True)
