@@ -24,6 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from stages.download import download
 from stages.lib import datasets, engine, params
 from stages.lib.gradient_stats import GradientStats
 
@@ -81,7 +82,7 @@ def main() -> None:
     images = parser.parse_args().images
     engine.set_threads(1)
     tf.config.experimental.enable_op_determinism()
-    data = datasets.download(params.DataParams())
+    data = download(params.DataParams())
     x, y = data["x_train"].astype("float32") / 255, data["y_train"]
     if images:
         reps = -(-images // len(x))

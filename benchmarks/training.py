@@ -36,10 +36,11 @@ import numpy as np
 from ruamel.yaml import YAML
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from stages.lib import datasets, params
+from stages.download import download
+from stages.lib import params
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = datasets.download(params.DataParams())  # the bundled real digits, offline
+SAMPLE = download(params.DataParams())  # the bundled real digits, offline
 TUTORIAL_MATH = {"loss": "binary_crossentropy", "epochs": 1, "batch_size": 32, "validation_split": 0.1}
 
 

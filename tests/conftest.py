@@ -23,9 +23,10 @@ def project(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def sample() -> dict[str, np.ndarray]:
     """The real bundled MNIST sample (uint8 Keras layout), read once per session."""
-    from stages.lib import datasets, params
+    from stages.download import download
+    from stages.lib import params
 
-    return datasets.download(params.DataParams())
+    return download(params.DataParams())
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.lib import datasets
+from stages.download import download
+from stages.lib import datasets, fetch
 from stages.lib.errors import DataError
 from stages.lib.params import DataParams
 from tests.harness import BIN, FileServer, run, write_params
@@ -55,7 +56,7 @@ def server() -> Iterator[FileServer]:
 def test_mnist_from_an_http_mirror_round_trips(server: FileServer) -> None:
     arrays = keras_npz()
     server.files["/mnist.npz"] = body = npz_bytes(arrays)
-    got = datasets.download(DataParams(source="mnist", url=f"{server.url}/mnist.npz", sha256=sha(body)))
+    got = download(DataParams(source="mnist", url=f"{server.url}/mnist.npz", sha256=sha(body)))
     for key in datasets.KEYS:
         np.testing.assert_array_equal(got[key], arrays[key])
 
@@ -63,24 +64,24 @@ def test_mnist_from_an_http_mirror_round_trips(server: FileServer) -> None:
 def test_a_mirror_without_its_own_checksum_is_held_to_the_official_one(server: FileServer) -> None:
     server.files["/mnist.npz"] = npz_bytes(keras_npz())
     with pytest.raises(DataError, match="checksum mismatch .* expected sha256 731c5ac6"):
-        datasets.download(DataParams(source="mnist", url=f"{server.url}/mnist.npz"))
+        download(DataParams(source="mnist", url=f"{server.url}/mnist.npz"))
 
 
 def test_a_corrupted_byte_fails_the_checksum(server: FileServer) -> None:
     body = npz_bytes(keras_npz())
     server.files["/mnist.npz"] = body[:-1] + bytes([body[-1] ^ 1])
     with pytest.raises(DataError, match="checksum mismatch"):
-        datasets.download(DataParams(source="mnist", url=f"{server.url}/mnist.npz", sha256=sha(body)))
+        download(DataParams(source="mnist", url=f"{server.url}/mnist.npz", sha256=sha(body)))
 
 
 def test_http_errors_and_unreachable_hosts_are_one_clear_error(server: FileServer) -> None:
     with pytest.raises(DataError, match="HTTP 404"):
-        datasets.download(DataParams(source="mnist", url=f"{server.url}/missing.npz"))
+        download(DataParams(source="mnist", url=f"{server.url}/missing.npz"))
     with socket.socket() as s:  # a port that nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(DataError, match="Offline\\? Use data.source: mnist_sample"):
-        datasets.download(DataParams(source="mnist", url=f"http://127.0.0.1:{port}/mnist.npz"))
+        download(DataParams(source="mnist", url=f"http://127.0.0.1:{port}/mnist.npz"))
 
 
 def test_a_download_cut_short_is_reported_and_leaves_nothing(server: FileServer, tmp_path: Path) -> None:
@@ -89,7 +90,7 @@ def test_a_download_cut_short_is_reported_and_leaves_nothing(server: FileServer,
     server.truncate.add("/mnist.npz")
     dest = tmp_path / "mnist.npz"
     with pytest.raises(DataError, match="stopped before its end: the connection broke off"):
-        datasets.fetch(f"{server.url}/mnist.npz", dest, sha(body))
+        fetch.fetch(f"{server.url}/mnist.npz", dest, sha(body))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -97,10 +98,10 @@ def test_a_file_that_matches_its_checksum_but_is_not_a_dataset_is_rejected(serve
     wrong = {k: v for k, v in keras_npz().items() if k != "y_test"}
     server.files["/a.npz"] = a = npz_bytes(wrong)
     with pytest.raises(DataError, match="missing arrays \\['y_test'\\]"):
-        datasets.download(DataParams(source="mnist", url=f"{server.url}/a.npz", sha256=sha(a)))
+        download(DataParams(source="mnist", url=f"{server.url}/a.npz", sha256=sha(a)))
     server.files["/b.npz"] = b = b"this is not a zip file"
     with pytest.raises(DataError, match="not a readable npz"):
-        datasets.download(DataParams(source="mnist", url=f"{server.url}/b.npz", sha256=sha(b)))
+        download(DataParams(source="mnist", url=f"{server.url}/b.npz", sha256=sha(b)))
 
 
 @pytest.mark.parametrize(
@@ -138,7 +139,7 @@ def test_fashion_mnist_idx_files_from_a_folder_url(server: FileServer) -> None:
     for name, array in names.items():
         server.files[f"/mirror/{name}"] = body = idx_gz(array)
         sums[name] = sha(body)
-    got = datasets.download(DataParams(source="fashion_mnist", url=f"{server.url}/mirror", sha256=sums))
+    got = download(DataParams(source="fashion_mnist", url=f"{server.url}/mirror", sha256=sums))
     for key in datasets.KEYS:
         np.testing.assert_array_equal(got[key], arrays[key])
     # one file served truncated inside a valid gzip: the header no longer matches the body
@@ -146,13 +147,13 @@ def test_fashion_mnist_idx_files_from_a_folder_url(server: FileServer) -> None:
     server.files["/mirror/t10k-images-idx3-ubyte.gz"] = broken
     sums["t10k-images-idx3-ubyte.gz"] = sha(broken)
     with pytest.raises(DataError, match="truncated"):
-        datasets.download(DataParams(source="fashion_mnist", url=f"{server.url}/mirror/", sha256=sums))
+        download(DataParams(source="fashion_mnist", url=f"{server.url}/mirror/", sha256=sums))
 
 
 def test_file_urls_work_for_air_gapped_copies(tmp_path: Path) -> None:
     body = npz_bytes(keras_npz())
     (tmp_path / "mnist.npz").write_bytes(body)
-    got = datasets.download(DataParams(source="mnist", url=(tmp_path / "mnist.npz").as_uri(), sha256=sha(body)))
+    got = download(DataParams(source="mnist", url=(tmp_path / "mnist.npz").as_uri(), sha256=sha(body)))
     assert got["x_train"].shape == (60, 28, 28)
 
 
@@ -160,8 +161,8 @@ def test_bundled_sample_is_split_stratified_and_reproducibly(sample: dict[str, n
     assert sample["x_train"].shape == (4000, 28, 28) and sample["x_test"].shape == (1000, 28, 28)
     assert np.bincount(sample["y_train"]).tolist() == [400] * 10
     assert np.bincount(sample["y_test"]).tolist() == [100] * 10
-    again = datasets.download(DataParams())
-    other = datasets.download(DataParams(split_seed=7, test_fraction=0.1))
+    again = download(DataParams())
+    other = download(DataParams(split_seed=7, test_fraction=0.1))
     np.testing.assert_array_equal(again["x_test"], sample["x_test"])
     assert len(other["y_test"]) == 500 and not np.array_equal(other["y_train"][:500], sample["y_train"][:500])
     # the split is a partition: no image is both a train and a test image
@@ -194,7 +195,7 @@ def test_a_server_that_drips_stops_at_the_deadline(server: FileServer, tmp_path:
     server.drip = 0.3
     start = time.monotonic()
     with pytest.raises(DataError, match=r"did not finish in time \(data.timeout_s\)"):
-        datasets.fetch(f"{server.url}/mnist.npz", tmp_path / "mnist.npz", "0" * 64, deadline_s=1.0)
+        fetch.fetch(f"{server.url}/mnist.npz", tmp_path / "mnist.npz", "0" * 64, deadline_s=1.0)
     assert time.monotonic() - start < 10 and list(tmp_path.iterdir()) == []
 
 
@@ -203,15 +204,15 @@ def test_a_fifo_or_device_as_data_url_is_refused_before_it_is_opened(tmp_path: P
     os.mkfifo(fifo)  # opening it for reading would block until a writer comes
     for special in (fifo, Path("/dev/zero")):
         with pytest.raises(DataError, match="is not a regular file"):
-            datasets.fetch(special.as_uri(), tmp_path / "out.npz", "0" * 64)
+            fetch.fetch(special.as_uri(), tmp_path / "out.npz", "0" * 64)
     assert not (tmp_path / "out.npz").exists()
 
 
 def test_a_file_larger_than_any_mnist_is_refused(server: FileServer, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(datasets, "MAX_DOWNLOAD_BYTES", 1000)
+    monkeypatch.setattr(fetch, "MAX_DOWNLOAD_BYTES", 1000)
     server.files["/mnist.npz"] = b"x" * 5000
     with pytest.raises(DataError, match="more than any MNIST-sized file"):
-        datasets.fetch(f"{server.url}/mnist.npz", tmp_path / "mnist.npz", "0" * 64)
+        fetch.fetch(f"{server.url}/mnist.npz", tmp_path / "mnist.npz", "0" * 64)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ruamel.yaml import YAML
 
-from stages.lib import atomic, datasets, params
+from stages.lib import atomic, datasets, fetch, params
 from stages.lib.errors import DataError, ParamError
 from tests.harness import ENV, ROOT, FileServer, run, wait_for
 
@@ -207,7 +207,7 @@ BODY = b"x" * 200_000
 @pytest.fixture
 def flaky(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, FileServer]]:
     """A server whose first requests fail (set `failures` and `failure`), then serve BODY."""
-    monkeypatch.setattr(datasets, "BACKOFF_S", 0.01)
+    monkeypatch.setattr(fetch, "BACKOFF_S", 0.01)
     with FileServer({"/file.bin": BODY}) as server:
         server.failures = 2
         yield f"{server.url}/file.bin", server
@@ -218,7 +218,7 @@ def test_a_download_that_fails_twice_then_serves_succeeds(flaky: tuple, mode: st
     url, server = flaky
     server.failure = mode
     dest = tmp_path / "file.bin"
-    datasets.fetch(url, dest, hashlib.sha256(BODY).hexdigest())
+    fetch.fetch(url, dest, hashlib.sha256(BODY).hexdigest())
     assert dest.read_bytes() == BODY and server.requests == 3
     assert capsys.readouterr().err.count("download failed (") == 2  # each retry said on stderr
     assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]
@@ -228,7 +228,7 @@ def test_a_download_that_keeps_failing_stops_with_one_line(flaky: tuple, tmp_pat
     url, server = flaky
     server.failures = 99
     with pytest.raises(DataError, match=r"HTTP 503 .*\(tried 4 times\)\. Offline\?") as exc:
-        datasets.fetch(url, tmp_path / "file.bin", "0" * 64)
+        fetch.fetch(url, tmp_path / "file.bin", "0" * 64)
     assert server.requests == 4 and "\n" not in str(exc.value) and list(tmp_path.iterdir()) == []
 
 
