@@ -4,12 +4,13 @@ and the order in which the modules run."""
 from __future__ import annotations
 
 import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.harness import ROOT
+from tests.harness import ROOT, shared_template
 
 
 @pytest.fixture
@@ -49,3 +50,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return marker.kwargs.get("minutes", 1) if marker else 0
 
     items.sort(key=lambda item: -minutes(item))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The xdist controller picks the run's id itself, so that it knows which shared template to remove."""
+    if not hasattr(config, "workerinput") and hasattr(config.option, "testrunuid") and not config.option.testrunuid:
+        config.option.testrunuid = uuid.uuid4().hex
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput") and getattr(config.option, "testrunuid", None):
+        shutil.rmtree(shared_template(config.option.testrunuid), ignore_errors=True)

@@ -8,6 +8,7 @@ A plain module (no pytest in it): `tests/conftest.py` builds its fixtures on it 
 from __future__ import annotations
 
 import atexit
+import fcntl
 import hashlib
 import http.server
 import os
@@ -84,27 +85,40 @@ def git_project(path: Path, overrides: dict | None = None) -> Path:
     return path
 
 
-_TRAINED: dict[str, tuple[Path, subprocess.CompletedProcess[str]]] = {}  # one per process
+_OWN: list[Path] = []
+
+
+def shared_template(run_id: str) -> Path:
+    """Where the workers of one xdist run (`PYTEST_XDIST_TESTRUNUID`) keep their one trained template."""
+    return Path(tempfile.gettempdir()) / f"trained-template-{run_id}"
 
 
 def dvc_project(path: Path) -> subprocess.CompletedProcess[str]:
     """A git + DVC copy of the project at `path`, `dvc repro` run once at 1 epoch and committed.
 
-    Returns that `dvc repro`'s output. The first call in a process builds the repository in a
-    folder of its own that nothing else touches; later calls copy it (git, DVC cache and all),
-    which gives each caller the same fresh repository in a fraction of a second.
+    Returns that `dvc repro`'s output. The first call of a test run builds the repository in a
+    folder of its own that nothing else touches (the xdist workers of `make test` share it: one
+    builds, the others wait on its lock; conftest removes it at the end); every call copies it
+    (git, DVC cache and all), which gives each caller the same fresh repository in a fraction of a second.
     """
-    if "repo" not in _TRAINED:
-        template = Path(tempfile.mkdtemp(prefix="trained-template-")) / "repo"
-        atexit.register(shutil.rmtree, template.parent, ignore_errors=True)
-        git_project(template, {"train": {"epochs": 1}})
-        proc = run(["dvc", "repro"], template)
-        run(["git", "add", "-A"], template)
-        run(["git", "commit", "-qm", "dvc repro, 1 epoch"], template)
-        _TRAINED["repo"] = (template, proc)
-    template, proc = _TRAINED["repo"]
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if not run_id and not _OWN:  # without xdist: this process's own, removed when it ends
+        _OWN.append(Path(tempfile.mkdtemp(prefix="trained-template-")))
+        atexit.register(shutil.rmtree, _OWN[0], ignore_errors=True)
+    folder = shared_template(run_id) if run_id else _OWN[0]
+    folder.mkdir(exist_ok=True)
+    template, said = folder / "repo", folder / "repro.out"
+    with open(folder / ".lock", "w", encoding="utf-8") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not said.exists():
+            shutil.rmtree(template, ignore_errors=True)  # a build that a killed run left half done
+            git_project(template, {"train": {"epochs": 1}})
+            proc = run(["dvc", "repro"], template)
+            run(["git", "add", "-A"], template)
+            run(["git", "commit", "-qm", "dvc repro, 1 epoch"], template)
+            said.write_text(proc.stdout, encoding="utf-8")
     shutil.copytree(template, path, symlinks=True, dirs_exist_ok=True)
-    return proc
+    return subprocess.CompletedProcess(["dvc", "repro"], 0, said.read_text(encoding="utf-8"), "")
 
 
 def reset_worktree(repo: Path) -> None:
