@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from stages.lib import cache_integrity, datasets, errors, registry, runner
+from stages.lib import datasets, errors, registry, runner
 from stages.lib import study_protocol as sp
 
 
@@ -94,7 +94,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--study-name", default="study", help="also the experiments' name prefix (default study)")
     p.add_argument("--push", metavar="GIT_REMOTE", help="dvc exp push each finished experiment there")
     p.add_argument("--report-only", action="store_true", help="write the report from the storage; run nothing")
-    p.add_argument("--reports", type=Path, default=Path("reports"), help="report folder (default reports)")
+    p.add_argument("--reports", type=Path, help="report folder (reports; reports/studies/NAME for --study-name NAME)")
     p.add_argument("--heartbeat", type=positive, default=10, help=argparse.SUPPRESS)
     p.add_argument("--grace", type=positive, default=40, help=argparse.SUPPRESS)
     p.add_argument("--poll", type=float, default=2.0, help=argparse.SUPPRESS)
@@ -125,6 +125,9 @@ def design_from(args: argparse.Namespace, code: str) -> sp.Design:
 
 def main() -> None:
     args = parse_args()
+    # the published study's report is reports/study.md; a study of another name never writes over it
+    named = Path("reports/studies", args.study_name)
+    args.reports = args.reports or (Path("reports") if args.study_name == "study" else named)
     import optuna
 
     from stages.lib import study_report
@@ -142,6 +145,8 @@ def main() -> None:
     else:
         design = design_from(args, sw.code_id())  # first: before another worker's `dvc exp run -S` edits params.yaml
         from dvc.repo import Repo
+
+        from stages.lib import cache_integrity
 
         with Repo(".") as repo:  # each run is a `dvc exp run --temp`
             cache_integrity.check_runs_outside_workspace(repo)

@@ -6,6 +6,7 @@ the server cannot start."""
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import re
@@ -23,7 +24,7 @@ import pytest
 from optuna.trial import TrialState
 
 from tests.harness import ENV, dvc_project, free_ports, run, wait_for
-from tests.test_study import exp_names, study_json
+from tests.test_study import exp_names
 
 PYTHON = sys.executable
 
@@ -108,6 +109,7 @@ def test_two_workers_one_killed_every_run_done_once(tmp_path: Path, postgres: st
     assert workers[1].returncode == 0, out_b
     wait_for(lambda: not dvc_runs_named(killed), 30, "the killed worker's dvc to stop")
 
+    assert (repo / "reports/studies/pg/study.md").exists() and not (repo / "reports/study.md").exists()  # its own
     study = optuna.load_study(study_name="pg", storage=postgres)
     trials = study.get_trials()
     by_slot: dict[str, list] = {}
@@ -121,7 +123,7 @@ def test_two_workers_one_killed_every_run_done_once(tmp_path: Path, postgres: st
     retried = [t for t in trials if t.system_attrs.get("failed_trial") == dead[0].number]
     assert [t.state for t in retried] == [TrialState.COMPLETE] and f"{killed}: validation" in out_b
 
-    report = study_json(repo)
+    report = json.loads((repo / "reports/studies/pg/study.json").read_text(encoding="utf-8"))
     assert report["runs"]["done"] == report["runs"]["planned"] == 3 and report["failed"] == []
     (config,) = report["configs"]
     assert config["seeds"] == [42, 43] and config["test_accuracy"]["ci95"][0] is not None
@@ -131,4 +133,5 @@ def test_two_workers_one_killed_every_run_done_once(tmp_path: Path, postgres: st
     other = tmp_path / "other"  # another clone: the report from the storage alone
     dvc_project(other)
     run([PYTHON, "-m", "stages.study", "--storage", postgres, "--study-name", "pg", "--report-only"], other)
-    assert study_json(other)["configs"] == report["configs"]
+    rebuilt = json.loads((other / "reports/studies/pg/study.json").read_text(encoding="utf-8"))
+    assert rebuilt["configs"] == report["configs"]

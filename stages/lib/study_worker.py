@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
+import psutil
 import yaml
 from optuna.trial import TrialState
 
@@ -49,6 +50,8 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 DEFAULT_STORAGE = "sqlite:///.dvc/tmp/study/optuna.db"
 LOG_DIR = Path(".dvc/tmp/study/logs")  # each trial's `dvc exp run` output, on the machine that ran it
 PIPELINE = ("stages", "dvc.yaml", "params.yaml")  # what every worker must share (HEAD's)
+BUSY = ("is busy, it is being blocked by", "the index is locked")  # DVC's and git's words for another's lock
+BUSY_TRIES = 5
 BLOCKED_AFTER_S = 15.0  # a dependency failed this long ago and no retry was queued: give up on the slot
 
 
@@ -66,8 +69,10 @@ def git(*args: str) -> str:
 def code_id() -> str:
     """Hash of HEAD's pipeline files; refuses uncommitted changes to them (another machine would not have them)."""
     dirty = git("status", "--porcelain", "--untracked-files=no", "--", *PIPELINE).strip()
-    if dirty:  # another worker's `dvc exp run --temp -S` writes params.yaml for a moment (DVC stashes it): look again
-        time.sleep(2)
+    deadline = time.monotonic() + 60
+    # another worker's `dvc exp run --temp -S` in this folder writes params.yaml while it stashes the run
+    while dirty and _dvc_running_here() and time.monotonic() < deadline:
+        time.sleep(0.5)
         dirty = git("status", "--porcelain", "--untracked-files=no", "--", *PIPELINE).strip()
     if dirty:
         raise StageError(
@@ -76,6 +81,16 @@ def code_id() -> str:
         )
     listing = git("ls-tree", "-r", "HEAD", "--", *PIPELINE).splitlines()
     return sp.code_id("\n".join(line for line in listing if "study" not in line.rsplit("/", 1)[-1]))  # the driver aside
+
+
+def _dvc_running_here() -> bool:
+    """Whether a `dvc` command runs in this folder (another study worker's experiment)."""
+    here = os.getcwd()
+    for proc in psutil.process_iter(["cmdline", "cwd"]):
+        with contextlib.suppress(psutil.Error):
+            if proc.info["cwd"] == here and any(Path(arg).name == "dvc" for arg in (proc.info["cmdline"] or [])[:2]):
+                return True
+    return False
 
 
 def gradients_supported() -> bool:
@@ -169,7 +184,7 @@ def check_design(name: str, stored: sp.Design, mine: sp.Design, study: optuna.St
     if diffs:
         raise StageError(
             f"study {name!r} was created with other settings ({'; '.join(diffs)}): run it with the same "
-            "settings, or start another with --study-name"
+            "settings, or start another with --study-name NAME (make study STUDY=NAME)"
         )
     if stored.code != mine.code:
         states = collect(study.get_trials(deepcopy=False))
@@ -265,13 +280,17 @@ def run_experiment(spec: sp.Spec, name: str, design: sp.Design, gradients: bool,
             cmd += ["-S", f"{key}={value}"]
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         dies_with_this_worker = functools.partial(runner.die_with_parent, signal.SIGTERM)  # dvc then stops its stage
-        with open(log, "w", encoding="utf-8") as out:
-            out.write(f"$ {' '.join(cmd)}\n")
-            out.flush()
-            rc = subprocess.run(
-                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=dies_with_this_worker, check=False
-            ).returncode
-        text = log.read_text(errors="replace")
+        for _ in range(BUSY_TRIES):  # another worker's dvc in this folder holds git's index or DVC's stash a moment
+            with open(log, "w", encoding="utf-8") as out:
+                out.write(f"$ {' '.join(cmd)}\n")
+                out.flush()
+                rc = subprocess.run(
+                    cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=dies_with_this_worker, check=False
+                ).returncode
+            text = log.read_text(encoding="utf-8", errors="replace")
+            if rc == 0 or not any(busy in text for busy in BUSY):
+                break
+            time.sleep(random.uniform(1, 3))
         if rc != 0:
             errors = [line.strip() for line in text.splitlines() if line.startswith(("error:", "ERROR:"))]
             first = errors[0] if errors else (text.strip().splitlines() or ["no output"])[-1]
