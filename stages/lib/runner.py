@@ -297,7 +297,7 @@ def _only_one(name: str) -> None:
         raise StageError(
             f"another `{name}` is running in this folder; two runs in one workspace would overwrite each "
             "other's outputs. Run experiments one at a time, or queue them: dvc exp run --queue ..., then "
-            "dvc exp run --run-all (each runs in its own copy)"
+            "dvc queue start (each runs in its own copy)"
         ) from None
     _HELD.append(handle)
 
