@@ -122,11 +122,10 @@ def stop(names: list[str]) -> str:
 def main() -> None:
     args = parse_args()
     out = args.out or grid_folder(args.set_param)
+    grid = [f"-S{setting}" for setting in args.set_param]
     with Repo(".") as repo:
         cache_integrity.check_runs_outside_workspace(repo)
-    grid = [f"-S{setting}" for setting in args.set_param]
-    queued = re.findall(r"Queued experiment '([^']+)'", run_dvc("exp", "run", "--queue", *grid))
-    with Repo(".") as repo:
+        queued = re.findall(r"Queued experiment '([^']+)'", run_dvc("exp", "run", "--queue", *grid))
         run_queued(repo, queued, args.jobs)
     rows = dvc.api.exp_show()
     states = {row.get("Experiment"): row.get("State") for row in rows if row.get("Experiment")}
