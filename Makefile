@@ -19,13 +19,13 @@ $(STAMP): requirements.lock
 	@touch $@
 
 # DVC's plots page with Vega inlined from the pinned vl-convert-python: plots draw offline.
-$(PLOTS_PAGE): $(STAMP) stages/offline_plots.py
-	$(BIN)/python -m stages.offline_plots
+$(PLOTS_PAGE): $(STAMP) commands/offline_plots.py
+	$(BIN)/python -m commands.offline_plots
 
 # dvc repro exits 0 even when an output could not be copied into a full cache: cache_check says so.
 repro: setup
 	$(RUN) $(BIN)/dvc repro
-	$(RUN) $(BIN)/python -m stages.cache_check
+	$(RUN) $(BIN)/python -m commands.cache_check
 
 test: setup
 	$(RUN) $(BIN)/python -m pytest -n 3 --dist loadfile
@@ -48,7 +48,7 @@ JOBS       ?= $(shell nproc 2>/dev/null || echo 1)
 # own gets its own, reports/sweeps/<the grid>/compare.md. Either way: the experiments it ran, and no others.
 SWEEP_REPORT = $(if $(filter command line environment,$(origin LOSSES) $(origin OPTIMIZERS)),,--out reports --readme docs/sweep.md)
 sweep: setup
-	$(RUN) $(BIN)/python -m stages.sweep -S "train.loss=$(LOSSES)" -S "train.optimizer.name=$(OPTIMIZERS)" \
+	$(RUN) $(BIN)/python -m commands.sweep -S "train.loss=$(LOSSES)" -S "train.optimizer.name=$(OPTIMIZERS)" \
 		--jobs $(JOBS) $(SWEEP_REPORT)
 
 # The study (docs/study.md): each (loss, optimizer) at its own tuned learning rate (validation accuracy),
@@ -61,7 +61,7 @@ SEEDS   ?= 5
 EPOCHS  ?= 10
 WORKERS ?= $(JOBS)
 study: setup
-	$(RUN) $(BIN)/python -m stages.study --lrs $(LRS) --seeds $(SEEDS) --epochs $(EPOCHS) --workers $(WORKERS) \
+	$(RUN) $(BIN)/python -m commands.study --lrs $(LRS) --seeds $(SEEDS) --epochs $(EPOCHS) --workers $(WORKERS) \
 		$(if $(filter command line environment,$(origin LOSSES)),--losses $(LOSSES)) \
 		$(if $(filter command line environment,$(origin OPTIMIZERS)),--optimizers $(OPTIMIZERS)) \
 		$(if $(SOURCE),--source $(SOURCE)) $(if $(STORAGE),--storage $(STORAGE)) \
@@ -69,7 +69,7 @@ study: setup
 
 # Refuses to shrink docs/sweep.md's table (a fresh clone has no experiments) unless REPLACE=1.
 compare: setup
-	$(RUN) $(BIN)/python -m stages.report --readme docs/sweep.md $(if $(REPLACE),--replace)
+	$(RUN) $(BIN)/python -m commands.report --readme docs/sweep.md $(if $(REPLACE),--replace)
 
 # Re-pin after changing pyproject.toml's dependency list: every package with the sha256 of each
 # of its files on PyPI (setup installs with --require-hashes). Versions already in the lock are
@@ -102,4 +102,4 @@ probe: setup
 
 # Read your own digit images with the trained model: make predict IMG="a.png b.jpg" [SHOW=seen.png]
 predict: setup
-	$(BIN)/python -m stages.predict $(IMG) $(if $(SHOW),--show $(SHOW))
+	$(BIN)/python -m commands.predict $(IMG) $(if $(SHOW),--show $(SHOW))

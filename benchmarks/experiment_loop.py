@@ -8,7 +8,7 @@ and committed. In every round, interleaved so that machine noise falls on all al
 - `dvc exp run -S train.seed=N` in the workspace (new params each time: no run-cache hit);
 - `dvc exp run --temp ...`: what each study trial runs;
 - a queued experiment: `dvc exp run --queue ...` then `dvc exp run --run-all` (DVC's worker included);
-- `python -m stages.predict` of one image, with its peak memory (the child's own rusage);
+- `python -m commands.predict` of one image, with its peak memory (the child's own rusage);
 - `python -m stages.check` with optimizer options, loss arguments and a schedule set.
 
 Prints the medians, each as a ratio to the import measured in the same run.
@@ -91,7 +91,7 @@ def measure(repo: Path, seed: int) -> dict[str, tuple[float, int]]:
     run(["dvc", "exp", "run", "--queue", "-S", f"train.seed={seed + 2000}"], repo)
     results["queued experiment (--run-all)"] = timed(["dvc", "exp", "run", "--run-all"], repo)
     results["predict, one image"] = timed(
-        [py, "-m", "stages.predict", str(repo.parent / f"{repo.name}-digit.png")], repo
+        [py, "-m", "commands.predict", str(repo.parent / f"{repo.name}-digit.png")], repo
     )
     results["check with optimizer options"] = timed([py, "-m", "stages.check"], repo.parent / f"{repo.name}-options")
     return results

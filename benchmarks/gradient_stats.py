@@ -1,7 +1,7 @@
 """What `GradientStats` (train.log_gradients) costs, against the epoch it is logged for.
 
 The default model (Flatten -> Dense(128, relu) -> Dense(10, softmax), sparse crossentropy, Adam,
-batch 32) trained by the pipeline's loop (`stages.lib.engine`) for 10 epochs on the bundled
+batch 32) trained by the pipeline's loop (`pipeline.engine`) for 10 epochs on the bundled
 sample's 3,600 training digits (the smallest epoch, so the hardest case for a fixed cost per
 epoch), alternately with and without the callback (probe batch: 64 digits, as train's), 3 times each, in
 one process. Prints the callback's own time per epoch (timed around its hooks), the median epoch,
@@ -24,9 +24,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from pipeline import datasets, engine, params
+from pipeline.gradient_stats import GradientStats
 from stages.download import download
-from stages.lib import datasets, engine, params
-from stages.lib.gradient_stats import GradientStats
 
 EPOCHS, REPEATS = 10, 3
 PROBE = 64  # stages/train.py's PROBE_ROWS

@@ -122,7 +122,7 @@ def flipped_in_cache(repo: Path) -> list[str]:
     """A byte of the cached model.keras flipped on disk: `dvc status` stays clean. The command checks,
     then repairs (so the later cases find a sound cache), and exits with the check's status."""
     flip_a_byte(stored_object(repo / ".dvc/cache/files/md5", repo / "models/model.keras"))
-    check = f"{PY} -m stages.cache_check --verify"
+    check = f"{PY} -m commands.cache_check --verify"
     return ["sh", "-c", f"{check}; status=$?; {check} --repair > /dev/null; exit $status"]
 
 
@@ -130,7 +130,7 @@ def deleted_from_remote(repo: Path) -> list[str]:
     """model.keras deleted from the default remote after a push: `dvc status -c` says in sync."""
     run(["dvc", "push"], repo)
     stored_object(repo.parent / "keras-loss-lab-dvc-storage/files/md5", repo / "models/model.keras").unlink()
-    return [PY, "-m", "stages.cache_check", "--remote", "storage"]
+    return [PY, "-m", "commands.cache_check", "--remote", "storage"]
 
 
 PY = str(BIN / "python")
@@ -295,7 +295,7 @@ CASES += [
         damage(
             "models/model.json",
             lambda b: b'{"loss": "nope"}',
-            [PY, "-m", "stages.predict", "data/examples/digit-1.png"],
+            [PY, "-m", "commands.predict", "data/examples/digit-1.png"],
         ),
         checks_loss=False,
     ),

@@ -2,7 +2,7 @@
 
 Every digit of the pipeline's test split is redrawn as a person might give it (black ink on
 paper, a few hundred pixels, off-centre; every third one a JPEG, see tests/digits.py), read
-back through `stages.predict`'s preparation (`stages.lib.images`) and the shipped model, and
+back through `commands.predict`'s preparation (`commands.images`) and the shipped model, and
 compared with the label and with the model's answer on the untouched 28x28 original.
 
 Then each digit is drawn once more and saved plain (PNG) and with each twist of
@@ -10,7 +10,7 @@ tests/digits.py (a phone's EXIF orientation, 16-bit and float files, ink only in
 channel, animations), and once more on each page kind (uneven light, a shadow, ruled and
 squared paper, a dithered 1-bit scan, a sheet on a desk, chalk, grey paper, a bit of the next
 digit); a twist or a page kind should read as its plain page does. A file that cannot be read
-counts as a disagreement. Every file is read twice: by today's `stages.lib.images` and by the
+counts as a disagreement. Every file is read twice: by today's `commands.images` and by the
 one of commit BEFORE (the page the border's median colour, the digit the box around every
 marked pixel), the `before` columns. About 12 minutes on 2 cores for the default 1,000 digits
 (`--twisted 200 --pages 200` for a quicker look). Results: docs/images.md.
@@ -33,8 +33,9 @@ from types import ModuleType
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from stages.lib import images, serving
-from stages.lib.errors import StageError
+from commands import images
+from pipeline import serving
+from pipeline.errors import StageError
 from tests.digits import PAGES, TWISTS, Twist, page, render
 from tests.harness import ROOT
 
@@ -42,12 +43,12 @@ BEFORE = "573a775"  # the last commit whose images.py took the border's median c
 
 
 def images_at(rev: str) -> ModuleType:
-    """stages/lib/images.py as it was at commit `rev` (`git show`), loaded as a module of its own."""
+    """commands/images.py as it was at commit `rev` (`git show`), loaded as a module of its own."""
     source = subprocess.run(
-        ["git", "show", f"{rev}:stages/lib/images.py"], cwd=ROOT, capture_output=True, text=True, check=True
+        ["git", "show", f"{rev}:commands/images.py"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout
     module = ModuleType(f"images_at_{rev}")
-    exec(compile(source, f"{rev}:stages/lib/images.py", "exec"), module.__dict__)
+    exec(compile(source, f"{rev}:commands/images.py", "exec"), module.__dict__)
     return module
 
 

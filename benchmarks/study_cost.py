@@ -85,7 +85,7 @@ def main() -> None:
         exps.append((total, stage_spans(lines)))
     revisit, _ = stamped(["dvc", "exp", "run", "--temp", "--name", "cost-7-again", "-S", "train.seed=7"], repo)
     os.chdir(repo)
-    from stages.lib import study_worker
+    from commands import study_worker
 
     began = time.perf_counter()
     study_worker.read_metrics(study_worker.find_experiment("cost-7"))

@@ -22,7 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from sklearn.metrics import accuracy_score, f1_score  # noqa: E402
 
-from stages.lib import datasets, serving  # noqa: E402
+from pipeline import datasets, serving  # noqa: E402
 
 
 def main() -> None:

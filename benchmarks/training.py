@@ -36,8 +36,8 @@ import numpy as np
 from ruamel.yaml import YAML
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline import params
 from stages.download import download
-from stages.lib import params
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = download(params.DataParams())  # the bundled real digits, offline

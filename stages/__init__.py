@@ -37,6 +37,6 @@ if platform.machine().lower() in ("x86_64", "amd64"):
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 if sys.argv[:1] == ["-m"]:  # `python -m stages.<name>`: Python imports this package before the module
-    from stages.lib import runner
+    from pipeline import runner
 
     runner.guard()  # Ctrl-C, SIGTERM and a dying dvc are handled during TensorFlow's seconds-long import too

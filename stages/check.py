@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.lib import atomic, datasets, memory, params, runner
+from pipeline import atomic, datasets, memory, params, runner
 
 OUT = Path("data/params.ok")
 

@@ -1,7 +1,7 @@
 """Stage `download`: params `data.*` -> data/raw/dataset.npz (uint8 Keras layout).
 
 Fetches the chosen source (the bundled 5,000-digit MNIST sample by default, full MNIST or
-Fashion-MNIST from the Keras mirror, or `data.url`), verifies its sha256 (`stages.lib.fetch`),
+Fashion-MNIST from the Keras mirror, or `data.url`), verifies its sha256 (`pipeline.fetch`),
 validates shapes, dtype and labels, and writes one uniform npz: x_train, y_train, x_test, y_test.
 numpy only.
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.lib import datasets, fetch, params, runner
-from stages.lib.params import DataParams
+from pipeline import datasets, fetch, params, runner
+from pipeline.params import DataParams
 
 OUT = Path("data/raw/dataset.npz")
 

@@ -1,7 +1,7 @@
 """Stage `evaluate`: models/ + the raw uint8 test set -> metrics/eval.json, metrics/eval/.
 
 Runs the shipped model exactly as a user would, without TensorFlow: the LiteRT flatbuffer
-(`stages.lib.serving`), raw images in, the loss's outputs out; what they mean comes from the card
+(`pipeline.serving`), raw images in, the loss's outputs out; what they mean comes from the card
 (`models/model.json`), not params.yaml. Scores the outputs with scikit-learn: top-1 accuracy,
 the log loss of the class probabilities (one scale for every loss: `serving.class_probabilities`),
 macro precision / recall / F1, per-class F1, and for one-vs-rest losses `binary_accuracy`.
@@ -24,8 +24,8 @@ import numpy as np
 from dvclive import Live
 from sklearn.metrics import ConfusionMatrixDisplay, accuracy_score, log_loss, precision_recall_fscore_support
 
-from stages.lib import atomic, datasets, params, registry, runner, serving
-from stages.lib.errors import StageError
+from pipeline import atomic, datasets, params, registry, runner, serving
+from pipeline.errors import StageError
 
 DATA = Path("data/raw/dataset.npz")
 METRICS = Path("metrics/eval.json")

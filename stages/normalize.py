@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.lib import atomic, datasets, params, runner
+from pipeline import atomic, datasets, params, runner
 
 RAW = Path("data/raw/dataset.npz")
 OUT = Path("data/normalized")

@@ -2,12 +2,12 @@
 
 Builds Flatten -> Dense(hidden_units, activation) [-> Dropout] -> Dense(10) from `model.*`,
 ending as `registry.head` decides for the loss (its activation, logits or not), and trains it
-with the loss and optimizer from `train.*` through `stages.lib.engine`'s loop (model.fit's math,
+with the loss and optimizer from `train.*` through `pipeline.engine`'s loop (model.fit's math,
 compiled; on one machine or several, `train.distribute`) and dvclive's `DVCLiveCallback`:
 per-epoch loss/accuracy curves (train and validation) and a summary with the last epoch and the
 saved one (the epoch whose weights the model ends with). Seeded and deterministic on CPU: the same params give the
 same bytes; the training time goes to the log line and to git-ignored `metrics/timings.json`.
-What it saves stands on its own (`stages.lib.serving`): raw uint8 images in, probabilities
+What it saves stands on its own (`pipeline.serving`): raw uint8 images in, probabilities
 out, as a LiteRT flatbuffer, a Keras file and a SavedModel, with its card (`models/model.json`).
 """
 
@@ -30,9 +30,9 @@ import tensorflow as tf
 from dvclive import Live
 from dvclive.keras import DVCLiveCallback
 
-from stages.lib import atomic, datasets, engine, export, params, registry, runner, serving
-from stages.lib.errors import StageError
-from stages.lib.gradient_stats import GradientStats
+from pipeline import atomic, datasets, engine, export, params, registry, runner, serving
+from pipeline.errors import StageError
+from pipeline.gradient_stats import GradientStats
 
 DATA = Path("data/normalized/dataset.npz")
 STATS = Path("data/normalized/stats.json")

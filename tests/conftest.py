@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.harness import ROOT, shared_template
+from tests.harness import ROOT, copy_code, shared_template
 
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     """A scratch copy of the stage code and params.yaml, for running stages as a user would."""
-    shutil.copytree(ROOT / "stages", tmp_path / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    copy_code(tmp_path)
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     return tmp_path
 
@@ -24,8 +24,8 @@ def project(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def sample() -> dict[str, np.ndarray]:
     """The real bundled MNIST sample (uint8 Keras layout), read once per session."""
+    from pipeline import params
     from stages.download import download
-    from stages.lib import params
 
     return download(params.DataParams())
 

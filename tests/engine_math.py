@@ -24,7 +24,7 @@ tf.config.set_logical_device_configuration(
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from stages.lib import engine  # noqa: E402
+from pipeline import engine  # noqa: E402
 
 N, BATCH, EPOCHS, SEED = 200, 32, 2, 7  # 6 full batches of 32 and one of 8 an epoch (10% held out: 180)
 RATES = {"sgd": 0.1, "adam": 0.001}

@@ -27,6 +27,14 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: its python, dvc, ruff
+CODE = ("stages", "pipeline", "commands")  # the packages a project copy needs to run its stages and commands
+
+
+def copy_code(path: Path) -> None:
+    """The stage and command code (no tests, no caches) into `path`, as a scratch project needs it."""
+    for package in CODE:
+        shutil.copytree(ROOT / package, path / package, ignore=shutil.ignore_patterns("__pycache__"))
+
 
 # Commands run with the venv first on PATH and a git identity (a fresh machine has none);
 # DVC's analytics and TensorFlow's start-up chatter off.

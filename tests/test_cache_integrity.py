@@ -1,4 +1,4 @@
-"""Verify and repair DVC's cache and a remote (`python -m stages.cache_check`), where DVC trusts what it stored.
+"""Verify and repair DVC's cache and a remote (`python -m commands.cache_check`), where DVC trusts what it stored.
 
 Real `dvc`, real git, the project's default remote (a folder beside the clone) with DVC's own
 `verify = true`. Each test flips or deletes a stored object the way a failing disk or a careless
@@ -16,7 +16,7 @@ import pytest
 from tests.harness import BIN, digests, dvc_project, flip_a_byte, run, stored_object
 
 pytestmark = pytest.mark.slow(minutes=1)
-CHECK = [str(BIN / "python"), "-m", "stages.cache_check"]
+CHECK = [str(BIN / "python"), "-m", "commands.cache_check"]
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ def test_a_byte_flipped_in_the_cache_is_found_and_repaired_from_the_workspace(pu
     line = found.stderr.strip().splitlines()[-1]
     assert found.returncode == 2 and line.startswith("error: 1 object(s) are not right in DVC's cache"), found.stderr
     assert "models/model.keras (corrupt in the cache)" in line
-    assert "`python -m stages.cache_check --verify --repair` copies good objects" in line  # the flags that found it
+    assert "`python -m commands.cache_check --verify --repair` copies good objects" in line  # the flags that found it
 
     fixed = run([*CHECK, "--verify", "--repair"], pushed)
     assert "repaired models/model.keras (corrupt in the cache) from the workspace" in fixed.stdout
@@ -89,7 +89,7 @@ def test_an_object_lost_everywhere_is_named_with_what_makes_it_again(pushed: Pat
 
 def test_an_experiment_whose_outputs_are_not_in_the_cache_fails_the_sweep_and_its_study_trial(pushed: Path) -> None:
     """`dvc exp run` only warns when the cache's disk is full. The sweep checks each finished experiment
-    (`stages.sweep.not_in_cache`) and the study reads each through `read_metrics`: both name what the
+    (`commands.sweep.not_in_cache`) and the study reads each through `read_metrics`: both name what the
     cache lacks."""
     run(["dvc", "exp", "run", "--name", "short", "-S", "train.epochs=2"], pushed)
     refs = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps/"], pushed).stdout.split()
@@ -98,11 +98,11 @@ def test_an_experiment_whose_outputs_are_not_in_the_cache_fails_the_sweep_and_it
     model.unlink()
     named = run([*CHECK, "--rev", "short"], pushed, check=False)
     assert named.returncode == 2 and "models/model.keras at short (missing from the cache)" in named.stderr
-    probe = f"import stages.lib.study_worker as w\ntry: w.read_metrics({ref!r})\nexcept w.TrialFailed as e: print(e)"
+    probe = f"import commands.study_worker as w\ntry: w.read_metrics({ref!r})\nexcept w.TrialFailed as e: print(e)"
     out = run([str(BIN / "python"), "-c", probe], pushed)
     assert "short's outputs are not in DVC's cache: models/model.keras" in out.stdout, out.stdout + out.stderr
     assert "dvc exp remove short" in out.stdout
-    sweep = run([str(BIN / "python"), "-c", "import stages.sweep as s; print(s.not_in_cache(['short']))"], pushed)
+    sweep = run([str(BIN / "python"), "-c", "import commands.sweep as s; print(s.not_in_cache(['short']))"], pushed)
     assert "{'short': 'models/model.keras'}" in sweep.stdout
 
 

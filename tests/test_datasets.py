@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline import datasets, fetch
+from pipeline.errors import DataError
+from pipeline.params import DataParams
 from stages.download import download
-from stages.lib import datasets, fetch
-from stages.lib.errors import DataError
-from stages.lib.params import DataParams
 from tests.harness import BIN, FileServer, run, write_params
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.lib import params
+from pipeline import params
 from tests.harness import ROOT
 
 DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
@@ -22,16 +22,16 @@ PIPELINE = [name for name in DVC_YAML if name != "check"]
 
 
 def lib_modules(path: Path, seen: set[str] | None = None) -> set[str]:
-    """stages/lib/*.py files that `path` imports, directly or through each other."""
+    """pipeline/*.py files that `path` imports, directly or through each other."""
     seen = set() if seen is None else seen
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         names: list[str] = []
-        if isinstance(node, ast.ImportFrom) and node.module == "stages.lib":
+        if isinstance(node, ast.ImportFrom) and node.module == "pipeline":
             names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("stages.lib."):
-            names = [node.module.split(".")[2]]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline."):
+            names = [node.module.split(".")[1]]
         for name in names:
-            module = f"stages/lib/{name}.py"
+            module = f"pipeline/{name}.py"
             if module not in seen:
                 seen.add(module)
                 lib_modules(ROOT / module, seen)
@@ -70,14 +70,14 @@ def sections_read(path: Path) -> set[str]:
 
 # What a stage imports that cannot change the bytes of its outputs: how it fails, is stopped and says
 # so, and how a file is put in place (whole or not at all). Not deps: an edit there reruns no stage.
-NOT_DEPS = {"stages/lib/errors.py", "stages/lib/runner.py", "stages/lib/atomic.py"}
+NOT_DEPS = {"pipeline/errors.py", "pipeline/runner.py", "pipeline/atomic.py"}
 
 
 @pytest.mark.parametrize("stage", list(DVC_YAML))
 def test_each_stage_lists_its_script_and_exactly_the_modules_it_imports(stage: str) -> None:
     script = ROOT / f"stages/{stage}.py"
     assert DVC_YAML[stage]["cmd"] == f"python -m stages.{stage}"
-    listed = {d for d in DVC_YAML[stage]["deps"] if d.startswith("stages/")}
+    listed = {d for d in DVC_YAML[stage]["deps"] if d.endswith(".py")}
     modules = {f"stages/{stage}.py", *lib_modules(script)}
     # stages/__init__.py pins TensorFlow's arithmetic (XLA's and oneDNN's instruction sets): a dep of
     # exactly the stages that run TensorFlow

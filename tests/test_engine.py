@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import pytest
 
-from tests.harness import ENV, ROOT, free_ports, run, wait_for, write_params
+from tests.harness import CODE, ENV, ROOT, free_ports, run, wait_for, write_params
 
 PYTHON = sys.executable
 QUIET = {**ENV, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -48,7 +48,7 @@ def with_data(project: Path, small: dict[str, np.ndarray]) -> Path:
 def beside(chief: Path, factory: pytest.TempPathFactory, name: str = "worker1") -> Path:
     """Another folder sharing the chief's code and data (links), for a worker of its own params."""
     other = factory.mktemp(name)
-    for part in ("stages", "data"):
+    for part in (*CODE, "data"):
         os.symlink(chief / part, other / part)
     return other
 
@@ -96,7 +96,7 @@ def test_two_workers_on_localhost_train_like_one_and_only_the_chief_writes(
     outputs = [proc.communicate(timeout=300)[0] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], outputs
     assert "worker done: the chief wrote the outputs" in outputs[1]
-    assert sorted(p.name for p in other.iterdir()) == ["data", "params.yaml", "stages"]  # nothing written
+    assert sorted(p.name for p in other.iterdir()) == sorted(["data", "params.yaml", *CODE])  # nothing written
     run([PYTHON, "-m", "stages.train"], single, check=True)
 
     two, one = (json.loads((f / "metrics/train/metrics.json").read_text()) for f in (chief, single))
@@ -154,7 +154,8 @@ def test_workers_that_disagree_on_params_or_data_all_stop_before_training_naming
     changes, other_data, named = DISAGREEMENTS[case]
     chief = with_data(project, small)
     other = tmp_path_factory.mktemp("worker1")
-    os.symlink(chief / "stages", other / "stages")
+    for package in CODE:
+        os.symlink(chief / package, other / package)
     if other_data:
         x = small["x_train"].copy()
         x[0, 0, 0] = 1.0
@@ -301,7 +302,7 @@ def test_the_loop_ends_where_model_fit_ends_for_every_optimizer_option(case: str
     averages in, then restores the best epoch's weights over them: the loop must do both, in that order."""
     import tensorflow as tf
 
-    from stages.lib import engine
+    from pipeline import engine
 
     n, batch, epochs, seed = 100, 16, 3, 5
     rng = np.random.default_rng(0)

@@ -12,8 +12,8 @@ import tensorflow as tf
 from dvclive import Live
 from dvclive.keras import DVCLiveCallback
 
-from stages.lib import engine
-from stages.lib.gradient_stats import GradientStats
+from pipeline import engine
+from pipeline.gradient_stats import GradientStats
 
 PROBE = 128
 

@@ -2,7 +2,7 @@
 
 Real MNIST digits (the bundled sample, `tests.digits.sample_digits`) are drawn on a plain page
 and on each page kind of tests/digits.py (uneven light, a shadow, ruled and squared paper, a
-dithered 1-bit scan, a sheet on a desk, ...). The 28x28 picture `stages.lib.images` makes of
+dithered 1-bit scan, a sheet on a desk, ...). The 28x28 picture `commands.images` makes of
 each must be close to the one it makes of the plain page: on average at most CLOSE grey levels
 apart per pixel (give or take a pixel's shift). With the border's median colour as the page
 (commit 573a775) the new kinds were 23 to 80 levels apart, and the model misread most of them
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.lib import images
+from commands import images
 from tests.digits import PAGES, TWISTS, page, sample_digits
 
 DIGITS = 16

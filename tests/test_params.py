@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.lib import params
-from stages.lib.errors import ParamError, StageError
+from pipeline import params
+from pipeline.errors import ParamError, StageError
 from tests.harness import BIN, ROOT, run, write_params
 
 
@@ -158,7 +158,7 @@ def test_params_yaml_that_is_not_yaml_is_one_clear_error(project: Path) -> None:
 
 
 def test_the_schema_knows_exactly_the_sources_that_datasets_can_fetch() -> None:
-    from stages.lib import datasets
+    from pipeline import datasets
 
     hint = params.DataParams.model_fields["source"].annotation
     assert set(params.typing.get_args(hint)) == set(datasets.SOURCES)
@@ -174,7 +174,7 @@ def test_params_nested_too_deeply_to_read_is_one_line(tmp_path: Path) -> None:
 
 
 def test_a_model_too_large_for_this_machine_is_refused_naming_both_sizes() -> None:
-    from stages.lib import memory
+    from pipeline import memory
 
     default = params.Params()
     assert memory.estimate(default) < 10 * 2**20  # the tutorial's model: a few MB

@@ -93,7 +93,7 @@ def test_an_experiment_reruns_only_train_and_evaluate_and_metrics_diff_shows_it(
     assert params["params.yaml"]["train.epochs"] == {"old": 1, "new": 2, "diff": 1}
     shown = run(["dvc", "exp", "show", "--json"], repo).stdout
     assert '"epochs": 2' in shown
-    report = run([str(BIN / "python"), "-m", "stages.report", "--out", "reports"], repo)
+    report = run([str(BIN / "python"), "-m", "commands.report", "--out", "reports"], repo)
     table = (repo / "reports/compare.md").read_text()
     assert "| experiment | loss | optimizer |" in table and "| 2 |" in table and "| 1 |" in table
     assert (repo / "reports/compare.png").stat().st_size > 10_000

@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.lib import export, images, params, registry, serving
-from stages.lib.errors import StageError
+from commands import images
+from pipeline import export, params, registry, serving
+from pipeline.errors import StageError
 from tests.digits import (
     TWISTS,
     alpha_only,
@@ -33,7 +34,7 @@ from tests.digits import (
     render,
     sixteen_bit,
 )
-from tests.harness import ENV, ROOT, run, write_params
+from tests.harness import ENV, ROOT, copy_code, run, write_params
 
 PYTHON = sys.executable
 
@@ -42,7 +43,7 @@ PYTHON = sys.executable
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A project copy after download, normalize, train and evaluate with the default params."""
     path = tmp_path_factory.mktemp("trained")
-    shutil.copytree(ROOT / "stages", path / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    copy_code(path)
     shutil.copy(ROOT / "params.yaml", path / "params.yaml")
     for stage in ("download", "normalize", "train", "evaluate"):
         run([PYTHON, "-m", f"stages.{stage}"], path)
@@ -55,7 +56,7 @@ def raw_test_split(project: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def predict_json(project: Path, files: list[Path], *extra: str) -> dict:
-    proc = run([PYTHON, "-m", "stages.predict", "--json", *extra, *map(str, files)], project)
+    proc = run([PYTHON, "-m", "commands.predict", "--json", *extra, *map(str, files)], project)
     return json.loads(proc.stdout)
 
 
@@ -99,7 +100,7 @@ def test_the_saved_model_needs_nothing_but_keras(trained: Path, tmp_path: Path) 
         import keras, numpy as np
         model = keras.saving.load_model({str(trained / "models/model.keras")!r}, safe_mode=True)
         probabilities = model.predict(np.load("x.npy"), verbose=0)
-        assert not any(name == "stages" or name.startswith("stages.") for name in sys.modules)
+        assert not [n for n in sys.modules if n.split(".")[0] in ("stages", "pipeline", "commands")]
         print(json.dumps(probabilities.tolist()))
     """)
     proc = run([PYTHON, "-c", script], tmp_path)
@@ -138,7 +139,7 @@ def test_a_params_edit_after_training_does_not_change_what_evaluate_reads(traine
 def test_show_draws_the_input_what_the_model_saw_and_its_outputs(trained: Path, tmp_path: Path) -> None:
     x, _ = raw_test_split(trained)
     files = [render(x[i], tmp_path / f"d{i}.png", np.random.default_rng(i)) for i in range(3)]
-    proc = run([PYTHON, "-m", "stages.predict", *map(str, files), "--show", str(tmp_path / "seen.png")], trained)
+    proc = run([PYTHON, "-m", "commands.predict", *map(str, files), "--show", str(tmp_path / "seen.png")], trained)
     assert len(proc.stdout.strip().splitlines()) == 3 and "probabilities: " in proc.stdout
     with Image.open(tmp_path / "seen.png") as picture:
         assert picture.size[0] > 600 and picture.size[1] > 400
@@ -154,7 +155,7 @@ def test_bad_inputs_are_one_line_each_and_exit_2(trained: Path, tmp_path: Path) 
     os.mkfifo(tmp_path / "pipe.png")  # opening it would wait for a writer forever
     (tmp_path / "zero.png").symlink_to("/dev/zero")  # endless
     bad = ["empty.png", "notes.png", "blank.png", "missing.png", "pipe.png", "zero.png"]
-    proc = run([PYTHON, "-m", "stages.predict", str(good), *(str(tmp_path / b) for b in bad)], trained, check=False)
+    proc = run([PYTHON, "-m", "commands.predict", str(good), *(str(tmp_path / b) for b in bad)], trained, check=False)
     assert proc.returncode == 2
     assert proc.stdout.startswith(f"{good}: ")  # the good file is still read
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
@@ -169,12 +170,12 @@ def test_bad_inputs_are_one_line_each_and_exit_2(trained: Path, tmp_path: Path) 
         (tmp_path, "is a folder; give a file in it"),
         (tmp_path / "file.txt" / "seen.png", "file.txt is a file, not a folder"),
     ]:
-        proc = run([PYTHON, "-m", "stages.predict", str(good), "--show", str(show)], trained, check=False)
+        proc = run([PYTHON, "-m", "commands.predict", str(good), "--show", str(show)], trained, check=False)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --show {show}") and said in proc.stderr
         assert "previous outputs" not in proc.stderr  # predict writes no pipeline output
 
-    missing_model = run([PYTHON, "-m", "stages.predict", str(good), "--model", str(tmp_path)], trained, check=False)
+    missing_model = run([PYTHON, "-m", "commands.predict", str(good), "--model", str(tmp_path)], trained, check=False)
     assert missing_model.returncode == 2
     assert missing_model.stderr.strip().splitlines()[-1] == (
         f"error: {tmp_path / 'model.tflite'} not found; train a model first (dvc repro), or fetch one (dvc pull)"
@@ -191,14 +192,14 @@ def test_names_that_are_not_utf8_or_were_split_at_a_space_still_get_their_predic
     shutil.copy(good, spaced)
     seen = tmp_path / "seen.png"
     args = [str(latin1), str(good), *str(spaced).split(" "), "--show", str(seen)]  # as `make predict IMG=...` split it
-    proc = run([PYTHON, "-m", "stages.predict", *args], trained, check=False)
+    proc = run([PYTHON, "-m", "commands.predict", *args], trained, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     lines = proc.stdout.splitlines()
     assert [line.split(": ")[0] for line in lines] == [f"{tmp_path}/caf\\xe9 \\xa91998\\n.png", str(good)]
     assert len({line.split(": ", 1)[1] for line in lines}) == 1  # the same picture, the same answer
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: {spaced}: given as 2 names ({tmp_path}/my, digit.png); quote a name with spaces: "
-        f"python -m stages.predict '{spaced}', or make predict IMG=\"'{spaced}'\""
+        f"python -m commands.predict '{spaced}', or make predict IMG=\"'{spaced}'\""
     )
     with Image.open(seen) as picture:
         assert picture.size[1] > 400  # both rows drawn
@@ -208,7 +209,7 @@ def test_names_that_are_not_utf8_or_were_split_at_a_space_still_get_their_predic
 
 def test_a_reader_that_goes_away_ends_predict_quietly(trained: Path) -> None:
     files = [str(ROOT / "data/examples/digit-1.png")] * 400  # more than a pipe holds
-    command = f"{PYTHON} -m stages.predict --json {' '.join(files)} | head -1; exit ${{PIPESTATUS[0]}}"
+    command = f"{PYTHON} -m commands.predict --json {' '.join(files)} | head -1; exit ${{PIPESTATUS[0]}}"
     proc = subprocess.run(["bash", "-c", command], cwd=trained, env=ENV, capture_output=True, text=True, check=False)
     assert proc.stdout == "{\n" and proc.stderr == "" and proc.returncode == 141  # 128 + SIGPIPE, as `cat` ends
 
@@ -237,7 +238,7 @@ def twisted(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
         for k, (name, (suffix, make)) in enumerate(kinds.items()):
             files[name].append(make(drawn, folder / f"{i}-{k}{suffix}", rng))
     everything = [str(f) for fs in files.values() for f in fs]
-    proc = run([PYTHON, "-m", "stages.predict", "--json", *everything], trained, check=False)
+    proc = run([PYTHON, "-m", "commands.predict", "--json", *everything], trained, check=False)
     assert proc.returncode in (0, 2) and proc.stdout, proc.stderr[-3000:]
     read = {p["file"]: p["digit"] for p in json.loads(proc.stdout)["predictions"]}
     kind_of = {str(f): name for name, fs in files.items() for f in fs}
@@ -547,13 +548,15 @@ def imported(stderr: str) -> set[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", [["stages.evaluate"], ["stages.predict", "one.png"], ["stages.predict", "--help"]])
+@pytest.mark.parametrize(
+    "command", [["stages.evaluate"], ["commands.predict", "one.png"], ["commands.predict", "--help"]]
+)
 def test_evaluate_and_predict_never_import_tensorflow_or_keras(trained: Path, command: list[str]) -> None:
     x, _ = raw_test_split(trained)
     Image.fromarray(x[0]).save(trained / "one.png")
     proc = run([PYTHON, "-X", "importtime", "-m", *command], trained)
     modules = imported(proc.stderr)
-    assert "stages" in modules and "numpy" in modules  # the list is real
+    assert command[0].split(".")[0] in modules and "numpy" in modules  # the list is real
     assert not modules & {"tensorflow", "keras", "tf_keras", "jax", "torch"}, sorted(modules)
     if command == ["stages.evaluate"]:
         assert "ai_edge_litert" in modules

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score
 
+from pipeline import params, registry
+from pipeline.errors import ParamError
 from stages import train as train_stage
-from stages.lib import params, registry
-from stages.lib.errors import ParamError
 
 
 def make(raw_train: dict, raw_model: dict | None = None) -> params.Params:

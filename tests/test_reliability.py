@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ruamel.yaml import YAML
 
-from stages.lib import atomic, datasets, fetch, params
-from stages.lib.errors import DataError, ParamError
+from pipeline import atomic, datasets, fetch, params
+from pipeline.errors import DataError, ParamError
 from tests.harness import ENV, ROOT, FileServer, run, wait_for
 
 DEFAULTS = YAML(typ="safe", pure=True).load((ROOT / "params.yaml").read_text())
@@ -253,7 +253,7 @@ def test_corrupt_and_malformed_downloads_are_data_errors(tmp_path: Path) -> None
 WRITER = """
 import sys, time
 from pathlib import Path
-from stages.lib import atomic
+from pipeline import atomic
 out = Path(sys.argv[1])
 for generation in range(1, 10**6):
     with atomic.target(out) as tmp:
@@ -341,7 +341,7 @@ def test_a_file_size_limit_is_one_line_not_a_silent_kill(project: Path) -> None:
 
 
 # a stage that says it has started (a file `ready`), then holds on
-HOLD = "from pathlib import Path; from stages.lib import runner; import time\n"
+HOLD = "from pathlib import Path; from pipeline import runner; import time\n"
 HOLD += "runner.run(lambda: (Path('ready').touch(), time.sleep(30)))"
 
 
@@ -350,7 +350,7 @@ def test_two_runs_of_a_stage_in_one_folder_the_second_says_why(project: Path) ->
     first = subprocess.Popen([sys.executable, "-c", HOLD], cwd=project)
     try:
         wait_for((project / "ready").exists, 60, "the first run to hold its lock")
-        second = run([sys.executable, "-c", "from stages.lib import runner; runner.run(lambda: None)"], project, False)
+        second = run([sys.executable, "-c", "from pipeline import runner; runner.run(lambda: None)"], project, False)
         assert second.returncode == 2
         assert second.stderr.startswith("error: another `-c` is running in this folder;")
         assert "dvc exp run --queue" in second.stderr
@@ -371,7 +371,7 @@ def test_sigterm_is_one_line_and_exit_143(project: Path) -> None:
 
 
 def test_an_os_error_not_about_a_users_path_is_an_internal_error_with_a_traceback_on_request(project: Path) -> None:
-    code = "import errno; from stages.lib import runner\ndef main(): raise OSError(errno.EINVAL, 'Invalid argument')\n"
+    code = "import errno; from pipeline import runner\ndef main(): raise OSError(errno.EINVAL, 'Invalid argument')\n"
     code += "runner.run(main, writes_outputs=False)"
     plain = run([sys.executable, "-c", code], project, check=False)
     assert plain.returncode == 1 and plain.stderr.startswith("internal error: OSError: [Errno 22] Invalid argument")

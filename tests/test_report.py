@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stages import report
+from commands import report
 
 
 def test_a_readme_counts_only_the_rows_of_its_compare_block() -> None:

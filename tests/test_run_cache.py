@@ -105,9 +105,9 @@ def test_a_removed_key_takes_its_default_and_a_removed_section_is_one_line(repo:
 
 
 def test_a_sweep_names_its_failed_experiments_and_exits_non_zero(repo: Path, baseline: dict) -> None:
-    """`dvc exp run --run-all` exits 0 after a failure; `python -m stages.sweep` (make sweep) does not."""
+    """`dvc exp run --run-all` exits 0 after a failure; `python -m commands.sweep` (make sweep) does not."""
     grid = ["-S", "train.optimizer.learning_rate=0.001,1e30"]  # the committed params (run-cache), and one that diverges
-    proc = run([str(BIN / "python"), "-m", "stages.sweep", *grid], repo, check=False)
+    proc = run([str(BIN / "python"), "-m", "commands.sweep", *grid], repo, check=False)
     line = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and line.startswith("error: 1 of 2 experiments did not finish: "), proc.stderr
     failed = line.split("finish: ")[1].split(" (")[0]

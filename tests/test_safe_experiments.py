@@ -251,7 +251,7 @@ def test_an_output_that_did_not_reach_a_full_cache_is_said(repo: Path, small_cac
     cache_check names what dvc.lock records that the cache does not hold, exit 2."""
     write_params(repo, {"train": {"epochs": 2}})
     run(["dvc", "repro"], repo, check=False)  # the model (1.6 MB) cannot fit in 300 KB
-    check = run([str(BIN / "python"), "-m", "stages.cache_check"], repo, check=False)
+    check = run([str(BIN / "python"), "-m", "commands.cache_check"], repo, check=False)
     line = check.stderr.strip().splitlines()[-1]
     assert check.returncode == 2 and line.startswith("error: ") and "not right in DVC's cache: " in line, check.stderr
     assert "models/ (missing from the cache)" in check.stdout.splitlines() and "make room first" in line
@@ -260,7 +260,7 @@ def test_an_output_that_did_not_reach_a_full_cache_is_said(repo: Path, small_cac
 def test_a_sweep_into_a_full_cache_fails_and_names_the_experiment(repo: Path, small_cache: Path) -> None:
     """DVC's queue fails this experiment itself (the sweep then names it); an experiment that "succeeds"
     without its outputs in the cache is named too (tests/test_cache_integrity.py)."""
-    proc = run([str(BIN / "python"), "-m", "stages.sweep", "-S", "train.epochs=2"], repo, check=False)
+    proc = run([str(BIN / "python"), "-m", "commands.sweep", "-S", "train.epochs=2"], repo, check=False)
     line = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and line.startswith("error: 1 of 1 experiments "), proc.stderr
     assert "did not finish" in line or "not in DVC's cache" in line

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import log_loss
 
+from pipeline import export, params, registry, serving
 from stages import train
-from stages.lib import export, params, registry, serving
 
 CASES = {
     "softmax": {"loss": "sparse_categorical_crossentropy"},

@@ -25,7 +25,7 @@ OUTPUTS = ("data", "models", "metrics")
 
 def clone(origin: Path, path: Path) -> Path:
     run(["git", "clone", "-q", str(origin), str(path)], origin.parent)
-    run([PYTHON, "-m", "stages.offline_plots"], path)  # what `make setup` does
+    run([PYTHON, "-m", "commands.offline_plots"], path)  # what `make setup` does
     return path
 
 
@@ -248,7 +248,7 @@ def test_compare_never_shrinks_the_results_table(experiments: tuple[Path, dict],
     rows = "\n".join(f"| old-{i} | x | adam | 0.001 | 10 | 0.9 | 0.3 | 0.9 |" for i in range(40))
     readme.write_text(f"# r\n<!-- compare:start -->\n| experiment | loss |\n|---|---|\n{rows}\n<!-- compare:end -->\n")
     before = readme.read_text()
-    report = [PYTHON, "-m", "stages.report", "--out", str(tmp_path / "reports"), "--readme", str(readme)]
+    report = [PYTHON, "-m", "commands.report", "--out", str(tmp_path / "reports"), "--readme", str(readme)]
     proc = run(report, lab, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {readme} shows 40 experiments but only 3 are")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from stages.lib.statistics import mean_ci, paired_difference_ci
+from commands.statistics import mean_ci, paired_difference_ci
 
 A = [0.93, 0.95, 0.94, 0.92, 0.96]
 B = [0.92, 0.93, 0.93, 0.92, 0.94]

@@ -1,4 +1,4 @@
-"""The study: its protocol and workers in-process (fast), then `python -m stages.study` for real on a
+"""The study: its protocol and workers in-process (fast), then `python -m commands.study` for real on a
 small grid (2 configurations, 2 learning rates, 2 seeds, 1 epoch) in a git + DVC copy of the project."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from stages.lib import atomic
-from stages.lib import study_protocol as sp
-from stages.lib import study_worker as sw
+from commands import study_protocol as sp
+from commands import study_worker as sw
+from pipeline import atomic
 from tests.harness import ENV, ROOT, dvc_project, run, write_params
 
 PYTHON = sys.executable
@@ -124,7 +124,7 @@ def test_a_learning_rate_is_written_as_people_write_it_and_yaml_reads_it_back() 
 LATIN1_REPORT = """
 import sys
 from pathlib import Path
-from stages.lib import study_protocol as sp, study_report
+from commands import study_protocol as sp, study_report
 design = sp.Design(optimizers=("adam", "sgd"), losses=("sparse_categorical_crossentropy",), lrs=(0.01,),
                    seeds=(42, 43, 44), diagnostics=())
 states = {}
@@ -169,7 +169,7 @@ def exp_names(repo: Path) -> list[str]:
 def test_a_small_study_end_to_end_then_a_rerun_runs_nothing(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     dvc_project(repo)  # trained at 1 epoch: the baseline's first run comes from DVC's run-cache
-    proc = run([PYTHON, "-m", "stages.study", *SMALL, "--workers", "2"], repo, timeout=900)
+    proc = run([PYTHON, "-m", "commands.study", *SMALL, "--workers", "2"], repo, timeout=900)
     assert "ran 6 experiments" in proc.stdout, proc.stdout
     report = study_json(repo)
     assert report["runs"]["planned"] == report["runs"]["done"] == 6 and report["failed"] == []
@@ -201,7 +201,7 @@ def test_a_small_study_end_to_end_then_a_rerun_runs_nothing(tmp_path: Path) -> N
     assert applied == best["test_accuracy"]["values"][1]
     run(["git", "checkout", "-q", "--", "."], repo)
 
-    again = run([PYTHON, "-m", "stages.study", *SMALL, "--workers", "2"], repo)
+    again = run([PYTHON, "-m", "commands.study", *SMALL, "--workers", "2"], repo)
     assert "ran 0 experiments" in again.stdout and exp_names(repo) == names
     assert study_json(repo)["configs"] == report["configs"]
 
@@ -214,11 +214,11 @@ def test_a_failed_run_is_named_with_where_to_see_why(tmp_path: Path) -> None:
     run(["git", "commit", "-qam", "a batch larger than the training set"], repo)
     args = ["--optimizers", "adam", "--losses", "sparse_categorical_crossentropy", "--lrs", "0.001", "--seeds", "1",
             "--epochs", "1", "--diagnostics", "none", "--study-name", "bad"]  # fmt: skip
-    proc = run([PYTHON, "-m", "stages.study", *args], repo, check=False)
+    proc = run([PYTHON, "-m", "commands.study", *args], repo, check=False)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
     log = ".dvc/tmp/study/logs/bad-scce-adam-lr0.001-s42.log"
     assert line.startswith("error: 1 of 1 runs failed") and f"cat {log}" in line, line
     assert "train.batch_size" in (repo / log).read_text()
-    bad = run([PYTHON, "-m", "stages.study", "--losses", "nope"], repo, check=False)
+    bad = run([PYTHON, "-m", "commands.study", "--losses", "nope"], repo, check=False)
     assert bad.returncode == 2 and "unknown loss nope" in bad.stderr

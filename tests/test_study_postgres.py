@@ -84,7 +84,7 @@ def dvc_runs_named(name: str) -> list[int]:
 def test_two_workers_one_killed_every_run_done_once(tmp_path: Path, postgres: str) -> None:
     repo = tmp_path / "repo"
     dvc_project(repo)
-    args = [PYTHON, "-m", "stages.study", "--storage", postgres, "--study-name", "pg", "--optimizers", "adam",
+    args = [PYTHON, "-m", "commands.study", "--storage", postgres, "--study-name", "pg", "--optimizers", "adam",
             "--losses", "sparse_categorical_crossentropy", "--lrs", "0.001,0.01", "--seeds", "2", "--epochs", "1",
             "--diagnostics", "none", "--heartbeat", "1", "--grace", "4", "--poll", "0.3"]  # fmt: skip
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
@@ -132,6 +132,6 @@ def test_two_workers_one_killed_every_run_done_once(tmp_path: Path, postgres: st
 
     other = tmp_path / "other"  # another clone: the report from the storage alone
     dvc_project(other)
-    run([PYTHON, "-m", "stages.study", "--storage", postgres, "--study-name", "pg", "--report-only"], other)
+    run([PYTHON, "-m", "commands.study", "--storage", postgres, "--study-name", "pg", "--report-only"], other)
     rebuilt = json.loads((other / "reports/studies/pg/study.json").read_text(encoding="utf-8"))
     assert rebuilt["configs"] == report["configs"]

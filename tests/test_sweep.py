@@ -1,4 +1,4 @@
-"""`python -m stages.sweep` on DVC's real queue: it reports exactly what it ran, where that grid's
+"""`python -m commands.sweep` on DVC's real queue: it reports exactly what it ran, where that grid's
 report belongs, and it never waits forever for DVC (a folder DVC cannot encode, workers that die)."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ PYTHON = sys.executable
 
 
 def rows(table: Path) -> list[str]:
-    """The experiment names of a table written by stages.report."""
+    """The experiment names of a table written by commands.report."""
     lines = table.read_text(encoding="utf-8").splitlines()
     return sorted(line.split(" | ")[0].removeprefix("| ") for line in lines[2:] if line.startswith("| "))
 
@@ -29,7 +29,7 @@ def test_a_small_grid_reports_exactly_what_it_ran_in_its_own_folder(tmp_path: Pa
     dvc_project(repo)
     run(["dvc", "exp", "run", "--temp", "--name", "earlier", "-S", "train.seed=7"], repo)  # not the sweep's
     grid = ["-S", "train.loss=poisson,kl_divergence", "-S", "train.optimizer.name=adam"]
-    proc = run([PYTHON, "-m", "stages.sweep", *grid, "--jobs", "2"], repo)
+    proc = run([PYTHON, "-m", "commands.sweep", *grid, "--jobs", "2"], repo)
     queued = sorted(line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Queued experiment"))
     folder = repo / "reports/sweeps/loss=poisson+kl_divergence_optimizer.name=adam"
     assert len(queued) == 2 and rows(folder / "compare.md") == queued, proc.stdout
@@ -43,7 +43,7 @@ def test_make_sweep_publishes_only_the_default_grid() -> None:
     default = run(["make", "-n", "sweep"], ROOT).stdout
     own = run(["make", "-n", "sweep", "LOSSES=poisson", "OPTIMIZERS=adam"], ROOT).stdout
     assert "--out reports --readme docs/sweep.md" in default
-    assert "stages.sweep" in own and "--out" not in own and "--readme" not in own
+    assert "commands.sweep" in own and "--out" not in own and "--readme" not in own
 
 
 def test_a_folder_dvc_cannot_encode_ends_the_sweep_and_the_study_at_once(tmp_path: Path) -> None:
@@ -51,7 +51,7 @@ def test_a_folder_dvc_cannot_encode_ends_the_sweep_and_the_study_at_once(tmp_pat
     `--run-all` then waits forever: both commands say so before queueing anything."""
     repo = tmp_path / "lab-ü"
     dvc_project(repo)
-    for command in (["stages.sweep", "-S", "train.epochs=1,2"], ["stages.study", "--lrs", "0.01", "--seeds", "1"]):
+    for command in (["commands.sweep", "-S", "train.epochs=1,2"], ["commands.study", "--lrs", "0.01", "--seeds", "1"]):
         proc = run([PYTHON, "-m", *command], repo, check=False, timeout=120)
         line = proc.stderr.strip().splitlines()[-1]
         assert proc.returncode == 2 and line.startswith("error: DVC cannot run experiments outside the workspace")
@@ -73,7 +73,7 @@ def test_workers_that_die_or_a_ctrl_c_end_the_sweep_with_one_line_and_a_clean_qu
 
     def sweep(seeds: str, stop: Callable[[subprocess.Popen[str]], None]) -> tuple[int, str]:
         grid = ["-S", "train.epochs=30", "-S", f"train.seed={seeds}"]  # long enough to be stopped mid-run
-        command = [PYTHON, "-m", "stages.sweep", *grid, "--jobs", "2"]
+        command = [PYTHON, "-m", "commands.sweep", *grid, "--jobs", "2"]
         proc = subprocess.Popen(command, cwd=repo, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             wait_for(workers, 120, "DVC's queue workers")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import keras
 
+from pipeline import params, registry
 from stages import train
-from stages.lib import params, registry
 
 
 def test_model_follows_the_params() -> None:

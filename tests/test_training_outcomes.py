@@ -14,8 +14,8 @@ import keras
 import numpy as np
 import pytest
 
-from stages.lib import datasets, params, registry
-from stages.lib.errors import ParamError
+from pipeline import datasets, params, registry
+from pipeline.errors import ParamError
 from tests.harness import ROOT, run, write_params
 
 PYTHON = sys.executable

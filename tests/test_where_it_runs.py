@@ -120,12 +120,12 @@ def test_a_detached_dvc_repro_finishes_after_its_shell_exits(tmp_path: Path) -> 
 def test_commands_that_write_no_dvc_output_take_no_lock(project: Path) -> None:
     """predict and report may run while a stage holds its lock (they read, or write only the user's files)."""
     (project / ".dvc").mkdir()
-    code = "from pathlib import Path; from stages.lib import runner; import time\n"
+    code = "from pathlib import Path; from pipeline import runner; import time\n"
     code += "runner.run(lambda: (Path('ready').touch(), time.sleep(30)))"
     holder = subprocess.Popen([sys.executable, "-c", code], cwd=project, env=ENV)
     try:
         wait_for((project / "ready").exists, 60, "the stage to hold its lock")
-        code = "from stages.lib import runner; runner.run(lambda: print('ran'), writes_outputs=False)"
+        code = "from pipeline import runner; runner.run(lambda: print('ran'), writes_outputs=False)"
         assert run([sys.executable, "-c", code], project).stdout == "ran\n"
     finally:
         holder.kill()

@@ -1,4 +1,4 @@
-"""The study: a fair, repeatable answer to "which loss, which optimizer": `python -m stages.study`.
+"""The study: a fair, repeatable answer to "which loss, which optimizer": `python -m commands.study`.
 
 For each (loss, optimizer) configuration, the learning rate is tuned on a log grid by the
 validation accuracy, the best rate is rerun with K seeds, and the report gives the test accuracy's
@@ -10,10 +10,10 @@ push` work on it. Optuna's storage holds the plan and the results: a SQLite file
 default, or PostgreSQL for workers on several machines (same commit, same DVC remote, `--push`).
 Runs already in the storage are not rerun; a dead worker's run is retried. Not a DVC stage: it drives DVC.
 
-    python -m stages.study --workers 2
-    python -m stages.study --losses binary_crossentropy --optimizers adam,sgd --lrs 0.001,0.1 --seeds 2 --epochs 1
-    python -m stages.study --storage postgresql://user:pw@host/db --push origin    # on each machine
-    python -m stages.study --storage postgresql://user:pw@host/db --report-only    # any clone
+    python -m commands.study --workers 2
+    python -m commands.study --losses binary_crossentropy --optimizers adam,sgd --lrs 0.001,0.1 --seeds 2 --epochs 1
+    python -m commands.study --storage postgresql://user:pw@host/db --push origin    # on each machine
+    python -m commands.study --storage postgresql://user:pw@host/db --report-only    # any clone
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import threading
 import time
 from pathlib import Path
 
-from stages.lib import datasets, errors, registry, runner
-from stages.lib import study_protocol as sp
+from commands import study_protocol as sp
+from pipeline import datasets, errors, registry, runner
 
 
 def names(allowed: tuple[str, ...] | dict, what: str):
@@ -75,7 +75,7 @@ def positive(text: str) -> int:
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m stages.study", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m commands.study", description=__doc__.splitlines()[0])
     default_diag = ",".join(f"{a}:{b}:{sp.lr_text(c)}" for a, b, c in sp.DEFAULT_DIAGNOSTICS)
     p.add_argument("--optimizers", type=names(registry.OPTIMIZERS, "optimizer"), default=sp.DEFAULT_OPTIMIZERS)
     p.add_argument("--losses", type=names(registry.LOSSES, "loss"), default=tuple(registry.LOSSES))
@@ -130,8 +130,8 @@ def main() -> None:
     args.reports = args.reports or (Path("reports") if args.study_name == "study" else named)
     import optuna
 
-    from stages.lib import study_report
-    from stages.lib import study_worker as sw
+    from commands import study_report
+    from commands import study_worker as sw
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = args.storage or sw.DEFAULT_STORAGE
@@ -146,7 +146,7 @@ def main() -> None:
         design = design_from(args, sw.code_id())  # first: before another worker's `dvc exp run -S` edits params.yaml
         from dvc.repo import Repo
 
-        from stages.lib import cache_integrity
+        from commands import cache_integrity
 
         with Repo(".") as repo:  # each run is a `dvc exp run --temp`
             cache_integrity.check_runs_outside_workspace(repo)

@@ -1,7 +1,7 @@
 """Dataset sources, their formats and the npz files the stages pass along. numpy only.
 
 Every source ends up as one Keras-layout mapping: uint8 `x_train (n, 28, 28)`, `y_train (n,)`,
-`x_test`, `y_test`, labels 0-9. Its files are fetched (`stages.lib.fetch`: `http(s)://` or
+`x_test`, `y_test`, labels 0-9. Its files are fetched (`pipeline.fetch`: `http(s)://` or
 `file://`, verified against their sha256) into a temporary folder, read, and validated.
 """
 
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.lib import atomic
-from stages.lib.errors import DataError, ParamError
-from stages.lib.params import DataParams, Params, TrainParams
+from pipeline import atomic
+from pipeline.errors import DataError, ParamError
+from pipeline.params import DataParams, Params, TrainParams
 
 KERAS_MIRROR = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/"
 KEYS = ("x_train", "y_train", "x_test", "y_test")

@@ -28,8 +28,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
-from stages.lib import registry
-from stages.lib.errors import ParamError, StageError
+from pipeline import registry
+from pipeline.errors import ParamError, StageError
 
 PARAMS_FILE = Path("params.yaml")
 SEED_LIMIT = 2**32  # numpy's and TensorFlow's seeds are unsigned 32-bit

@@ -3,7 +3,7 @@
 Streams to a temporary file beside `dest` (with a progress bar at a terminal), retries what is
 worth retrying, ends within a deadline, refuses more bytes than any MNIST-sized file, and puts
 the file in place only once its sha256 matches. Not a DVC dep of any stage: the bytes it yields
-are fixed by the sha256 that `download` asks for (`stages.lib.datasets.locations`).
+are fixed by the sha256 that `download` asks for (`pipeline.datasets.locations`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from pathlib import Path
 import urllib3
 from tqdm import tqdm
 
-from stages.lib import atomic
-from stages.lib.errors import DataError
+from pipeline import atomic
+from pipeline.errors import DataError
 
 RETRIES = 3  # attempts after the first, on a 5xx, a 429, a timeout or a dropped connection
 BACKOFF_S = 0.5  # urllib3's backoff factor: waits 0, 1, 2 s between attempts

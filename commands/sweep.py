@@ -1,16 +1,16 @@
-"""Run a grid of experiments on DVC's queue, then report them: `python -m stages.sweep -S KEY=A,B ... --jobs N`.
+"""Run a grid of experiments on DVC's queue, then report them: `python -m commands.sweep -S KEY=A,B ... --jobs N`.
 
 Queues every combination of the `-S` values (DVC's own grid syntax, `dvc exp run --queue -S
 train.loss=a,b -S train.optimizer.name=x,y`), starts N queue workers (`dvc queue start -j N`)
 and waits for exactly those experiments, a line as each one ends. Then it writes the table and
-picture of the experiments it ran (`stages.report`) to `--out` (by default
+picture of the experiments it ran (`commands.report`) to `--out` (by default
 `reports/sweeps/<the grid>/`, so a small grid never replaces the published one) and checks that
 DVC's cache holds every output they record. It exits 2, after the report of those that finished,
 naming each failed experiment with the command that shows its log. It never waits forever: DVC's
 `--run-all` waits for a run that failed in setup, and for workers that died, with no end.
 Params that ran before come from DVC's run-cache. Not a DVC stage: it drives DVC.
 
-    python -m stages.sweep -S train.loss=binary_crossentropy,poisson -S train.optimizer.name=adam,sgd --jobs 2
+    python -m commands.sweep -S train.loss=binary_crossentropy,poisson -S train.optimizer.name=adam,sgd --jobs 2
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import dvc.api
 import psutil
 from dvc.repo import Repo
 
-from stages import report
-from stages.lib import cache_integrity, errors, runner
+from commands import cache_integrity, report
+from pipeline import errors, runner
 
 POLL_S = 2.0  # how often the queue is looked at
 START_S = 60.0  # workers not seen by then never started
@@ -39,7 +39,7 @@ WORKER_LOGS = ".dvc/tmp/exps/celery/dvc-exp-worker-*.out"
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m stages.sweep", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m commands.sweep", description=__doc__.splitlines()[0])
     parser.add_argument("-S", "--set-param", action="append", default=[], metavar="KEY=A,B", help="as dvc exp run -S")
     parser.add_argument("--jobs", type=int, default=1, help="DVC queue workers (default 1)")
     parser.add_argument("--out", type=Path, help="folder for its compare.md and compare.png (reports/sweeps/<grid>)")

@@ -13,7 +13,7 @@ The baseline pair (default: the project's default loss and Adam) is always in. T
 list of slots, known before any result: a seed slot's learning rate and a stage-2 slot's optimizer
 are resolved when a worker takes the slot, from the finished runs its choice depends on. Slots are
 ordered so that a slot's dependencies come before it (a worker that takes one early waits, rarely).
-Nothing here touches Optuna or DVC: `stages.lib.study_worker` stores and runs the slots.
+Nothing here touches Optuna or DVC: `commands.study_worker` stores and runs the slots.
 """
 
 from __future__ import annotations

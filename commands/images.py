@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
-from stages.lib.errors import StageError
+from pipeline.errors import StageError
 
 MAX_PIXELS = 25_000_000  # 5000 x 5000: larger images are refused before they are decoded
 SIDE, BOX = 28, 20  # the MNIST frame, and the longer side of the digit inside it

@@ -1,4 +1,4 @@
-"""The errors a user can fix, each printed by `stages.lib.runner` as one `error:` line (exit 2).
+"""The errors a user can fix, each printed by `pipeline.runner` as one `error:` line (exit 2).
 
 A stage raises `StageError` (or a subclass) for anything the user can fix: a bad parameter, an
 unreachable or corrupt download, an unreadable image. The message says what is wrong and what

@@ -41,15 +41,16 @@ import psutil
 import yaml
 from optuna.trial import TrialState
 
-from stages.lib import cache_integrity, runner
-from stages.lib import study_protocol as sp
-from stages.lib.errors import StageError
+from commands import cache_integrity
+from commands import study_protocol as sp
+from pipeline import runner
+from pipeline.errors import StageError
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats: stable in use
 
 DEFAULT_STORAGE = "sqlite:///.dvc/tmp/study/optuna.db"
 LOG_DIR = Path(".dvc/tmp/study/logs")  # each trial's `dvc exp run` output, on the machine that ran it
-PIPELINE = ("stages", "dvc.yaml", "params.yaml")  # what every worker must share (HEAD's)
+PIPELINE = ("stages", "pipeline", "dvc.yaml", "params.yaml")  # what every worker must share (HEAD's)
 BUSY = ("is busy, it is being blocked by", "the index is locked")  # DVC's and git's words for another's lock
 BUSY_TRIES = 5
 BLOCKED_AFTER_S = 15.0  # a dependency failed this long ago and no retry was queued: give up on the slot

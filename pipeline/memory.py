@@ -13,8 +13,8 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-from stages.lib.errors import ParamError
-from stages.lib.params import Params
+from pipeline.errors import ParamError
+from pipeline.params import Params
 
 # float32 values of optimizer state per weight (from each Keras optimizer's `build`): moments,
 # accumulators, velocities. Adafactor's factored second moment is a row and a column per matrix: ~0.

@@ -14,7 +14,7 @@ environment) watches the `dvc` process that started it (through a pidfd, found a
 ancestors by its command line), and stops as on SIGTERM when that `dvc` ends, so a killed `dvc`
 leaves no stage behind. Where that `dvc` cannot be found (no /proc, PPID 0), the stage just runs.
 
-What an interrupted run leaves: outputs are written atomically (`stages.lib.atomic`), so a stage
+What an interrupted run leaves: outputs are written atomically (`pipeline.atomic`), so a stage
 run by hand keeps its previous outputs. Under DVC, which deletes a stage's outputs before running
 it, `dvc checkout --force` puts back every output that dvc.lock records, byte for byte.
 """
@@ -35,8 +35,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from stages.lib import atomic
-from stages.lib.errors import ParamError, StageError
+from pipeline import atomic
+from pipeline.errors import ParamError, StageError
 
 UNDER_DVC = "DVC_STAGE" in os.environ  # set by `dvc repro` / `dvc exp run` for the command of each stage
 KEPT = (
@@ -314,7 +314,7 @@ def _fail(line: str, status: int) -> None:
 def _exit(status: int) -> None:
     """Exit now, without interpreter teardown: TensorFlow's takes over a second, and its threads can
     crash it when a signal stopped them mid-step. Every output is written, fsync'd and renamed
-    into place (`stages.lib.atomic`) or dropped before this is called; only the streams need a flush."""
+    into place (`pipeline.atomic`) or dropped before this is called; only the streams need a flush."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)

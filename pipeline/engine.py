@@ -31,8 +31,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from stages.lib import datasets
-from stages.lib.errors import StageError
+from pipeline import datasets
+from pipeline.errors import StageError
 
 EVAL_BATCH = 4096  # forward passes only: the batch size changes nothing but float sum order
 

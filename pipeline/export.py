@@ -1,4 +1,4 @@
-"""Write the model as train ships it (`stages.lib.serving` reads it): Keras, SavedModel, LiteRT and the card.
+"""Write the model as train ships it (`pipeline.serving` reads it): Keras, SavedModel, LiteRT and the card.
 
 TensorFlow and Keras are imported here, so only `train` imports this module. Each file is
 written byte-reproducibly: identical weights give identical files (`tests/test_serving.py`).
@@ -15,7 +15,7 @@ from typing import Any
 
 import keras
 
-from stages.lib import registry, serving
+from pipeline import registry, serving
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 

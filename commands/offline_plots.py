@@ -6,7 +6,7 @@ same libraries inline, bundled by the pinned `vl-convert-python` package (no net
 `.dvc/config` points DVC at it (`plots.html_template`). `make setup` writes it; the commands
 users type stay `dvc plots show` and `dvc plots diff`.
 
-    python -m stages.offline_plots
+    python -m commands.offline_plots
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import vl_convert
 
-from stages.lib import atomic, runner
+from pipeline import atomic, runner
 
 OUT = Path(".dvc/plots/offline.html")
 VEGA_LITE = "5.21"  # DVC's plot templates are Vega-Lite 5 specs

@@ -10,7 +10,7 @@ also replaces the block between `<!-- compare:start -->` and `<!-- compare:end -
 It never shrinks a table: with fewer experiments than the table already shows (a fresh
 clone has none), it stops with one line unless `--replace` says to.
 
-    python -m stages.report [--out reports] [--readme docs/sweep.md] [--replace]
+    python -m commands.report [--out reports] [--readme docs/sweep.md] [--replace]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.lines import Line2D
 
-from stages.lib import atomic, errors, runner
+from pipeline import atomic, errors, runner
 
 TRAIN_SUMMARY, SCORES = "metrics/train/metrics.json", "metrics/eval/metrics.json"
 PARAM_SECTIONS = ("data", "normalize", "model", "train", "evaluate")

@@ -1,13 +1,13 @@
-"""Read a person's digit images with the trained model: `python -m stages.predict IMAGE...`.
+"""Read a person's digit images with the trained model: `python -m commands.predict IMAGE...`.
 
 Each PNG/JPEG/... (any size or colour) becomes the 28x28 picture MNIST would have made of it
-(`stages.lib.images`), and the shipped model (`models/`, see `stages.lib.serving`) reads it.
+(`commands.images`), and the shipped model (`models/`, see `pipeline.serving`) reads it.
 Prints, per file, the predicted digit and the top-3 outputs; `--json` for machines; `--show
 out.png` draws each input beside the 28x28 the model saw and its outputs. Not a DVC stage:
 it reads the user's files, and nothing of the project but the model and its card. Runs the
 LiteRT model without TensorFlow (a fraction of a second); matplotlib is imported for --show only.
 
-    python -m stages.predict my_seven.png photo_of_a_three.jpg --show seen.png
+    python -m commands.predict my_seven.png photo_of_a_three.jpg --show seen.png
 """
 
 from __future__ import annotations
@@ -21,12 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.lib import atomic, images, runner, serving
-from stages.lib.errors import StageError
+from commands import images
+from pipeline import atomic, runner, serving
+from pipeline.errors import StageError
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m stages.predict", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m commands.predict", description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="+", type=Path, help="image files (PNG, JPEG, ...)")
     parser.add_argument("--model", type=Path, default=serving.MODEL_DIR, help="the train stage's output folder")
     parser.add_argument("--top", type=int, default=3, choices=range(1, 11), metavar="K", help="outputs to list (3)")
@@ -71,7 +72,7 @@ def rejoin(given: list[Path]) -> list[Path | str]:
                 make = "" if set(quoted) & set('"$`\\') else f', or make predict IMG="{quoted}"'
                 out.append(
                     f"{name}: given as {end - i} names ({pieces}); quote a name with spaces: "
-                    f"python -m stages.predict {quoted}{make}"
+                    f"python -m commands.predict {quoted}{make}"
                 )
                 i = end
                 break

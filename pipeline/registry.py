@@ -30,12 +30,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from stages.lib.errors import ParamError, StageError
+from pipeline.errors import ParamError, StageError
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
 
-    from stages.lib.params import TrainParams
+    from pipeline.params import TrainParams
 
 NUM_CLASSES = 10
 

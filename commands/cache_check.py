@@ -1,12 +1,12 @@
 """Does DVC's cache (and a remote) hold every output dvc.lock records, byte for byte? And repair it.
 
-    python -m stages.cache_check                     # every object is in the cache (`make repro` runs this)
-    python -m stages.cache_check --verify            # ... and its bytes hash to its name
-    python -m stages.cache_check --remote storage    # ... and the remote holds it too (--verify: downloads it)
-    python -m stages.cache_check --verify --remote storage --repair   # puts good copies back
-    python -m stages.cache_check --rev exp-a --rev HEAD~1            # what these commits/experiments record
+    python -m commands.cache_check                     # every object is in the cache (`make repro` runs this)
+    python -m commands.cache_check --verify            # ... and its bytes hash to its name
+    python -m commands.cache_check --remote storage    # ... and the remote holds it too (--verify: downloads it)
+    python -m commands.cache_check --verify --remote storage --repair   # puts good copies back
+    python -m commands.cache_check --rev exp-a --rev HEAD~1            # what these commits/experiments record
 
-What DVC does not check itself (`stages/lib/cache_integrity.py`): an output that `dvc repro` could
+What DVC does not check itself (`commands/cache_integrity.py`): an output that `dvc repro` could
 not copy into a full cache (it only warns, and exits 0); a cache file whose bytes changed (DVC does
 not read its read-only cache files again); a file deleted from a remote that still has its
 directory's listing (`dvc status -c` says "in sync" and `dvc push` sends nothing). `--repair` copies
@@ -22,15 +22,16 @@ import contextlib
 import signal
 from typing import TYPE_CHECKING
 
-from stages.lib import cache_integrity, runner
-from stages.lib.errors import StageError
+from commands import cache_integrity
+from pipeline import runner
+from pipeline.errors import StageError
 
 if TYPE_CHECKING:
     from types import FrameType
 
     from dvc_data.hashfile.db import HashFileDB
 
-PROG = "python -m stages.cache_check"
+PROG = "python -m commands.cache_check"
 
 
 def parse_args() -> argparse.Namespace:

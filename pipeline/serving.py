@@ -1,6 +1,6 @@
 """The model as train ships it, read without TensorFlow: raw uint8 28x28 images in, the loss's outputs out.
 
-`models/` holds four things, versioned together as one DVC output (`stages.lib.export` writes them):
+`models/` holds four things, versioned together as one DVC output (`pipeline.export` writes them):
 
 - `model.tflite`: the shipped model as a LiteRT flatbuffer, converted by TensorFlow's own
   `TFLiteConverter` from the SavedModel below. `evaluate` and `predict` run it with LiteRT
@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from stages.lib import registry
-from stages.lib.errors import StageError
+from pipeline import registry
+from pipeline.errors import StageError
 
 MODEL_DIR = Path("models")
 MODEL_FILE, LITERT_FILE, CARD_FILE, SAVED_MODEL = "model.keras", "model.tflite", "model.json", "saved_model"

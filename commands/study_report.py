@@ -15,9 +15,9 @@ import statistics as pystats
 from pathlib import Path
 from typing import Any
 
-from stages.lib import atomic
-from stages.lib import study_protocol as sp
-from stages.lib.statistics import mean_ci, paired_difference_ci
+from commands import study_protocol as sp
+from commands.statistics import mean_ci, paired_difference_ci
+from pipeline import atomic
 
 PLOT_LR = "study_lr_sensitivity.png"
 PLOT_PERF = "study_performance.png"

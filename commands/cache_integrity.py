@@ -108,7 +108,7 @@ def check_runs_outside_workspace(repo: Repo) -> None:
     which encodes as ASCII: a non-ASCII letter in that path (a project under `lab-ü/`) fails every
     run in setup, and `dvc exp run --run-all` then waits for it forever (`wait_for_start`).
     """
-    from stages.lib.errors import StageError
+    from pipeline.errors import StageError
 
     cache = repo.cache.local_cache_dir
     if cache and not cache.isascii():

@@ -1,0 +1,1 @@
+"""The pipeline's library: what the five stages in `stages/` import (see docs/layout.md)."""
