@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root: stages/, tests/
-from tests.harness import ENV, ROOT, git_project, run, write_params
+from tests.harness import CODE, ENV, ROOT, git_project, run, write_params
 
 BEFORE = "2ecab4b"  # the last commit whose evaluate and predict ran Keras on TensorFlow
 OPTIONS = {
@@ -74,7 +74,8 @@ def project(base: Path, name: str, rev: str | None) -> Path:
     options = repo.parent / f"{name}-options"
     options.mkdir()
     (options / ".dvc").mkdir()  # check holds its lock in a DVC project
-    (options / "stages").symlink_to(repo / "stages")
+    for package in CODE:
+        (options / package).symlink_to(repo / package)
     write_params(options, OPTIONS)
     return repo
 

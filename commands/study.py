@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from commands import study_protocol as sp
-from pipeline import datasets, errors, registry, runner
+from pipeline import datasets, errors, losses, optimizers, runner
 
 
 def names(allowed: tuple[str, ...] | dict, what: str):
@@ -63,7 +63,7 @@ def diagnostics(text: str) -> tuple[tuple[str, str, float], ...]:
             raise argparse.ArgumentTypeError(
                 f"--diagnostics takes loss:optimizer:lr,... or none, got {item!r}"
             ) from None
-        if loss not in registry.LOSSES or opt not in registry.OPTIMIZERS:
+        if loss not in losses.LOSSES or opt not in optimizers.OPTIMIZERS:
             raise argparse.ArgumentTypeError(f"--diagnostics: unknown loss or optimizer in {item!r}")
     return tuple(out)
 
@@ -77,8 +77,8 @@ def positive(text: str) -> int:
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m commands.study", description=__doc__.splitlines()[0])
     default_diag = ",".join(f"{a}:{b}:{sp.lr_text(c)}" for a, b, c in sp.DEFAULT_DIAGNOSTICS)
-    p.add_argument("--optimizers", type=names(registry.OPTIMIZERS, "optimizer"), default=sp.DEFAULT_OPTIMIZERS)
-    p.add_argument("--losses", type=names(registry.LOSSES, "loss"), default=tuple(registry.LOSSES))
+    p.add_argument("--optimizers", type=names(optimizers.OPTIMIZERS, "optimizer"), default=sp.DEFAULT_OPTIMIZERS)
+    p.add_argument("--losses", type=names(losses.LOSSES, "loss"), default=tuple(losses.LOSSES))
     p.add_argument("--lrs", type=rates, default=sp.DEFAULT_LRS, help="learning-rate grid (default 1e-4 ... 1)")
     p.add_argument("--seeds", type=positive, default=sp.DEFAULT_SEEDS, help="seeds per configuration (default 5)")
     p.add_argument("--first-seed", type=int, default=sp.FIRST_SEED, help="seeds are FIRST, FIRST+1, ... (42)")
@@ -103,8 +103,8 @@ def parse_args() -> argparse.Namespace:
 
 def design_from(args: argparse.Namespace, code: str) -> sp.Design:
     baseline = tuple(args.baseline.split(","))
-    if len(baseline) != 2 or baseline[0] not in registry.LOSSES or baseline[1] not in registry.OPTIMIZERS:
-        raise errors.StageError(f"--baseline takes LOSS,OPTIMIZER from the registry, got {args.baseline!r}")
+    if len(baseline) != 2 or baseline[0] not in losses.LOSSES or baseline[1] not in optimizers.OPTIMIZERS:
+        raise errors.StageError(f"--baseline takes LOSS,OPTIMIZER (known losses, optimizers), got {args.baseline!r}")
     if not all(c.isalnum() or c in "-_" for c in args.study_name):
         raise errors.StageError(
             f"--study-name: letters, digits, - and _ only (it names experiments), got {args.study_name!r}"

@@ -31,8 +31,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline import datasets
-from pipeline.errors import StageError
+from pipeline import datasets, losses, optimizers
+from pipeline.errors import ParamError, StageError
 
 EVAL_BATCH = 4096  # forward passes only: the batch size changes nothing but float sum order
 
@@ -132,6 +132,43 @@ def finish(strategy: tf.distribute.Strategy, failure: str | None = None) -> None
     said = next(failure for name, failure in everyone if name == "chief")
     if said is not None and not is_chief(strategy):
         raise StageError(f"train.distribute: multi_worker: the chief failed after training: {said}")
+
+
+def trial(train: Any) -> None:
+    """Build `train`'s loss, optimizer and schedule and take one training step on a toy model, when
+    params.yaml passes Keras more than names and a learning rate (before the real model is built).
+
+    Catches what check's signature test cannot: a value of the right type that Keras refuses only
+    once it trains (a list where a number belongs, a schedule argument out of range, ...). Raises
+    StageError naming the keys: under DVC, train's outputs are gone by then, and the runner's line
+    says how to restore them.
+    """
+    used = {
+        "train.optimizer": set(train.optimizer.kwargs) - {"learning_rate"},
+        "train.loss_args": train.loss_args,
+        "train.lr_schedule": train.lr_schedule.name != "none",
+    }
+    keys = ", ".join(key for key, value in used.items() if value)
+    if not keys:
+        return
+    wiring = losses.head(train.loss, from_logits=train.from_logits)
+    try:
+        optimizer = optimizers.build(train.optimizer, train.lr_schedule)
+        loss = losses.build(train.loss, train.loss_args, from_logits=wiring.from_logits)
+        # named, so that it takes none of the automatic names ("dense", "sequential") the real model gets
+        dense = keras.layers.Dense(losses.NUM_CLASSES, activation=wiring.activation, name="trial_dense")
+        model = keras.Sequential([keras.Input((4,)), dense], name="trial")
+        model.compile(
+            optimizer=optimizer, loss=loss, metrics=losses.metrics(train.loss, from_logits=wiring.from_logits)
+        )
+        model.train_on_batch(
+            np.zeros((2, 4), np.float32), losses.encode_labels(np.array([0, 1]), losses.LOSSES[train.loss])
+        )
+    except ParamError as exc:
+        raise StageError(str(exc)) from None
+    except Exception as exc:  # Keras' own complaint, whatever its type
+        message = " ".join(str(exc).split())[:300]
+        raise StageError(f"params.yaml: {keys}: Keras refused these settings in a one-step trial: {message}") from None
 
 
 def set_threads(threads: int) -> None:

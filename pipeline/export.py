@@ -15,13 +15,13 @@ from typing import Any
 
 import keras
 
-from pipeline import registry, serving
+from pipeline import losses, serving
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
 def standalone(
-    core: keras.Model, stats: dict[str, Any], train: Any, wiring: registry.Head, optimizer: keras.optimizers.Optimizer
+    core: keras.Model, stats: dict[str, Any], train: Any, wiring: losses.Head, optimizer: keras.optimizers.Optimizer
 ) -> keras.Model:
     """uint8 (n, 28, 28) images -> `core` (trained on normalized floats) -> float32 (n, 10) `wiring.output`.
 
@@ -48,8 +48,8 @@ def standalone(
     model = keras.Sequential(layers, name="mnist_digits")
     model.compile(
         optimizer=optimizer,
-        loss=registry.make_loss(train, from_logits=False),
-        metrics=registry.make_metrics(train, from_logits=False),
+        loss=losses.build(train.loss, train.loss_args, from_logits=False),
+        metrics=losses.metrics(train.loss, from_logits=False),
     )
     return model
 

@@ -8,7 +8,7 @@ an integer) and refuses unknown keys. `load()` returns frozen models or raises `
 the dotted key and what is allowed (`_first_error` turns pydantic's error into that one line, with
 a "did you mean" for a misspelt key or choice). Rules that join several keys follow the types
 (`_check_combinations`), and so does every keyword argument for a Keras constructor: checked
-against its signature in the installed Keras' source (`registry.check_arguments`, no Keras import).
+against its signature in the installed Keras' source (`pipeline.arguments`, no Keras import).
 TensorFlow-free, so download and normalize import it too.
 """
 
@@ -28,7 +28,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
-from pipeline import registry
+from pipeline import losses, optimizers
 from pipeline.errors import ParamError, StageError
 
 PARAMS_FILE = Path("params.yaml")
@@ -105,12 +105,12 @@ class Named(Section):
 
 
 class OptimizerParams(Named):
-    name: Literal[registry.OPTIMIZERS]
-    learning_rate: Annotated[float, Field(gt=0)] | None = None  # None: the optimizer's own default
+    name: Literal[optimizers.OPTIMIZERS]
+    learning_rate: Annotated[float, Field(gt=0)] | None = None  # not given: the optimizer's own default
 
 
 class ScheduleParams(Named):
-    name: Literal[("none", *registry.LR_SCHEDULES)]
+    name: Literal[("none", *optimizers.LR_SCHEDULES)]
 
 
 class DataParams(Section):
@@ -128,9 +128,11 @@ class NormalizeParams(Section):
 
 class ModelParams(Section):
     hidden_units: list[Annotated[int, Field(ge=1, le=65536)]] = Field(default_factory=lambda: [128])
-    activation: Literal[registry.HIDDEN_ACTIVATIONS] = "relu"
+    activation: Literal[
+        "relu", "elu", "selu", "gelu", "silu", "swish", "mish", "tanh", "sigmoid", "softplus", "leaky_relu", "linear"
+    ] = "relu"
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    output_activation: Literal[("auto", *registry.OUTPUT_ACTIVATIONS)] = "auto"
+    output_activation: Literal[("auto", *losses.OUTPUT_ACTIVATIONS)] = "auto"
 
 
 class EarlyStoppingParams(Section):
@@ -150,10 +152,10 @@ class SpeedParams(Section):
 
 
 class TrainParams(Section):
-    loss: Literal[tuple(registry.LOSSES)] = "sparse_categorical_crossentropy"
+    loss: Literal[tuple(losses.LOSSES)] = "sparse_categorical_crossentropy"
     loss_args: dict[str, KerasValue] = Field(default_factory=dict)
     from_logits: bool = False
-    optimizer: OptimizerParams = Field(default_factory=lambda: OptimizerParams(name="adam", learning_rate=0.001))
+    optimizer: OptimizerParams = Field(default_factory=lambda: OptimizerParams(name="adam"))
     lr_schedule: ScheduleParams = Field(default_factory=lambda: ScheduleParams(name="none"))
     early_stopping: EarlyStoppingParams = Field(default_factory=EarlyStoppingParams)
     epochs: Annotated[int, Field(ge=1, le=100_000)] = 10
@@ -315,16 +317,67 @@ def _differing(a: Any, b: Any, key: str) -> list[str]:
     return [key] if a != b else []
 
 
+# Arguments Keras accepts and then ignores unless another one is set: (section, class name or "*",
+# argument) -> (does it take effect, given the section's arguments; what it needs). From the Keras
+# sources: BinaryFocalCrossentropy applies `alpha` only with apply_class_balancing; SGD's Nesterov
+# step is a momentum step; every optimizer's `ema_*` settings act only with use_ema.
+NEEDS: dict[tuple[str, str, str], tuple[Any, str]] = {
+    ("train.loss_args", "binary_focal_crossentropy", "alpha"): (
+        lambda kw: kw.get("apply_class_balancing") is True,
+        "apply_class_balancing: true",
+    ),
+    ("train.optimizer", "sgd", "nesterov"): (
+        lambda kw: kw["nesterov"] is not True or (isinstance(kw.get("momentum"), (int, float)) and kw["momentum"] > 0),
+        "momentum > 0",
+    ),
+    ("train.optimizer", "*", "ema_momentum"): (lambda kw: kw.get("use_ema") is True, "use_ema: true"),
+    ("train.optimizer", "*", "ema_overwrite_frequency"): (lambda kw: kw.get("use_ema") is True, "use_ema: true"),
+}
+
+
 def _check_combinations(p: Params) -> None:
-    """Rules that join several keys: a ParamError names the key to change."""
-    t = p.train
+    """Rules that join several keys, and every argument for a Keras constructor checked against its
+    signature (`pipeline.arguments`): a ParamError names the key to change."""
+    t, opt, es = p.train, p.train.optimizer.kwargs, p.train.early_stopping
     if t.lr_schedule.name == "none" and t.lr_schedule.kwargs:
         raise ParamError("train.lr_schedule", "has settings but name is 'none'; pick a schedule or drop them")
-    registry.check_combination(t.loss, p.model.output_activation, t.from_logits)
-    registry.check_effect(t)
-    registry.check_arguments(t)
-    if t.early_stopping.enabled and t.early_stopping.monitor.startswith("val_") and t.validation_split == 0:
+    losses.check_combination(t.loss, p.model.output_activation, t.from_logits)
+    given = {"train.loss_args": (t.loss, t.loss_args), "train.optimizer": (t.optimizer.name, opt)}
+    for (section, owner, argument), (takes_effect, needs) in NEEDS.items():
+        name, kwargs = given[section]
+        if owner in ("*", name) and argument in kwargs and not takes_effect(kwargs):
+            raise ParamError(
+                f"{section}.{argument}", f"has no effect for '{name}' without {needs}; add it, or drop this"
+            )
+    if opt.get("use_ema") is True and not opt.get("ema_overwrite_frequency") and es.enabled and es.restore_best_weights:
+        raise ParamError(
+            "train.optimizer.use_ema",
+            "has no effect with train.early_stopping.restore_best_weights: true: as in model.fit, the moving "
+            "averages replace the weights at the end, then EarlyStopping restores its best epoch's own weights "
+            "over them; set restore_best_weights: false, or drop use_ema",
+        )
+    unsafe = next((name for name in optimizers.ONE_REPLICA_ONLY if name in opt), None)
+    if unsafe and t.distribute != "none":
+        raise ParamError(
+            f"train.optimizer.{unsafe}",
+            f"not with train.distribute: {t.distribute}: {optimizers.ONE_REPLICA_ONLY[unsafe]}; drop it, or train "
+            "with distribute: none",
+        )
+    schedule_lr, optimizer_lr = t.lr_schedule.kwargs.get("initial_learning_rate"), opt.get("learning_rate")
+    if None not in (schedule_lr, optimizer_lr) and schedule_lr != optimizer_lr:
+        raise ParamError(
+            "train.optimizer.learning_rate",
+            f"{optimizer_lr} has no effect: train.lr_schedule.initial_learning_rate ({schedule_lr}) sets the "
+            "learning rate; drop one of them (without initial_learning_rate the schedule starts from this one)",
+        )
+    if t.loss_args:
+        losses.kwargs(t.loss, t.loss_args, from_logits=False)
+    if set(opt) - {"learning_rate"}:
+        optimizers.kwargs(t.optimizer)
+    if t.lr_schedule.name != "none":
+        optimizers.schedule_kwargs(t.lr_schedule, t.optimizer)
+    if es.enabled and es.monitor.startswith("val_") and t.validation_split == 0:
         raise ParamError(
             "train.early_stopping.monitor",
-            f"'{t.early_stopping.monitor}' needs validation data; set train.validation_split > 0 or monitor loss",
+            f"'{es.monitor}' needs validation data; set train.validation_split > 0 or monitor loss",
         )

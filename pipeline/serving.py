@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import registry
+from pipeline import losses
 from pipeline.errors import StageError
 
 MODEL_DIR = Path("models")
@@ -32,14 +32,14 @@ MODEL_FILE, LITERT_FILE, CARD_FILE, SAVED_MODEL = "model.keras", "model.tflite",
 OUTPUTS = {"softmax": "probabilities", "sigmoid": "one-vs-rest probabilities", "linear": "scores", "tanh": "scores"}
 
 
-def card(loss: str, wiring: registry.Head, stats: dict[str, Any]) -> dict[str, Any]:
+def card(loss: str, wiring: losses.Head, stats: dict[str, Any]) -> dict[str, Any]:
     """What `model.json` says about the model: its input, its output, and its loss's wiring
     (`export.save` adds the sha256 of each model file it describes)."""
     return {
         "input": {"shape": [28, 28], "dtype": "uint8", "ink": "light on dark, 0-255, as in MNIST"},
         "output": {"activation": wiring.output, "meaning": OUTPUTS[wiring.output], "classes": list(range(10))},
         "loss": loss,
-        "labels": registry.LOSSES[loss].labels,
+        "labels": losses.LOSSES[loss].labels,
         "normalization": stats,
     }
 
@@ -75,7 +75,7 @@ class LiteRTModel:
     def predict(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """float32 (n, 10) outputs for uint8 (n, 28, 28) images; empty input, empty output."""
         parts = [self._run(images[start : start + batch_size]) for start in range(0, len(images), batch_size)]
-        return np.concatenate(parts) if parts else np.zeros((0, registry.NUM_CLASSES), np.float32)
+        return np.concatenate(parts) if parts else np.zeros((0, losses.NUM_CLASSES), np.float32)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         if len(batch) != self.batch:
@@ -105,7 +105,7 @@ def load(folder: Path = MODEL_DIR) -> tuple[LiteRTModel, dict[str, Any]]:
             f"{card_path} describes another model than {path} (its sha256 differs); the two must come "
             f"from one run: `dvc checkout {folder}`, or retrain (dvc repro)"
         )
-    if model_card.get("loss") not in registry.LOSSES:
+    if model_card.get("loss") not in losses.LOSSES:
         raise StageError(f"{card_path}: unknown loss {model_card.get('loss')!r}; retrain with this version")
     return LiteRTModel(path), model_card
 

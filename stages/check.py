@@ -8,7 +8,7 @@ validated first, and a bad value stops `dvc repro` / `dvc exp run` here, before 
 model, metric or data file is touched. Its output never changes, so a valid edit reruns only
 the stages whose own keys changed. Optimizer options, `loss_args` and a schedule's arguments are
 checked against the constructors' signatures in the installed Keras' source, without importing
-Keras or TensorFlow (`registry.check_arguments`): a fraction of a second, whatever the params.
+Keras or TensorFlow (`pipeline.arguments`): a fraction of a second, whatever the params.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ import numpy as np
 from dvclive import Live
 from sklearn.metrics import ConfusionMatrixDisplay, accuracy_score, log_loss, precision_recall_fscore_support
 
-from pipeline import atomic, datasets, params, registry, runner, serving
+from pipeline import atomic, datasets, losses, params, runner, serving
 from pipeline.errors import StageError
 
 DATA = Path("data/raw/dataset.npz")
@@ -47,7 +47,7 @@ def main() -> None:
             "or dvc checkout a good one"
         )
     y_pred = outputs.argmax(axis=1)
-    classes = range(registry.NUM_CLASSES)
+    classes = range(losses.NUM_CLASSES)
     probabilities = serving.class_probabilities(outputs, card["output"]["activation"])
 
     precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=classes, zero_division=0)
@@ -61,9 +61,9 @@ def main() -> None:
         "f1_per_class": {str(c): score for c, score in zip(classes, f1, strict=True)},
         "n_test": len(y_true),
     }
-    spec = registry.LOSSES[card["loss"]]
+    spec = losses.LOSSES[card["loss"]]
     if spec.one_vs_rest:  # Keras' BinaryAccuracy: each of the ten outputs > 0.5, against the one-hot labels
-        scores["binary_accuracy"] = ((outputs > 0.5) == registry.encode_labels(y_true, spec)).mean()
+        scores["binary_accuracy"] = ((outputs > 0.5) == losses.encode_labels(y_true, spec)).mean()
 
     with atomic.target(PLOTS_DIR) as plots_dir:
         with Live(str(plots_dir), save_dvc_exp=False, dvcyaml=None) as live:

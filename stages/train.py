@@ -1,7 +1,7 @@
 """Stage `train`: data/normalized/{dataset.npz, stats.json} -> models/, metrics/train/.
 
 Builds Flatten -> Dense(hidden_units, activation) [-> Dropout] -> Dense(10) from `model.*`,
-ending as `registry.head` decides for the loss (its activation, logits or not), and trains it
+ending as `losses.head` decides for the loss (its activation, logits or not), and trains it
 with the loss and optimizer from `train.*` through `pipeline.engine`'s loop (model.fit's math,
 compiled; on one machine or several, `train.distribute`) and dvclive's `DVCLiveCallback`:
 per-epoch loss/accuracy curves (train and validation) and a summary with the last epoch and the
@@ -30,7 +30,7 @@ import tensorflow as tf
 from dvclive import Live
 from dvclive.keras import DVCLiveCallback
 
-from pipeline import atomic, datasets, engine, export, params, registry, runner, serving
+from pipeline import atomic, datasets, engine, export, losses, optimizers, params, runner, serving
 from pipeline.errors import StageError
 from pipeline.gradient_stats import GradientStats
 
@@ -75,8 +75,7 @@ def configure(t: params.TrainParams) -> tuple[tf.distribute.Strategy, list[keras
     engine.set_threads(t.speed.threads)
     watch = [ClusterDeadline(t.cluster_timeout_s)] if t.distribute == "multi_worker" else []
     strategy = engine.strategy_for(t.distribute)  # first: multi_worker must start before other ops
-    if registry.keras_arguments(t):
-        registry.trial(t)
+    engine.trial(t)
     keras.utils.set_random_seed(t.seed)
     tf.config.experimental.enable_op_determinism()
     if t.mixed_precision:  # float16 where a GPU has fast float16; on a CPU bfloat16
@@ -85,7 +84,7 @@ def configure(t: params.TrainParams) -> tuple[tf.distribute.Strategy, list[keras
     return strategy, watch
 
 
-def build_model(m: params.ModelParams, wiring: registry.Head) -> keras.Sequential:
+def build_model(m: params.ModelParams, wiring: losses.Head) -> keras.Sequential:
     """The tutorial's MLP: Flatten -> Dense(units, activation) [-> Dropout] ... -> Dense(10, wiring.activation)."""
     layers: list[keras.layers.Layer] = [keras.Input(shape=(28, 28)), keras.layers.Flatten()]
     for units in m.hidden_units:
@@ -93,13 +92,13 @@ def build_model(m: params.ModelParams, wiring: registry.Head) -> keras.Sequentia
         if m.dropout > 0:
             layers.append(keras.layers.Dropout(m.dropout))
     # float32 outputs under mixed precision too (the same layer when it is off)
-    layers.append(keras.layers.Dense(registry.NUM_CLASSES, activation=wiring.activation, dtype="float32"))
+    layers.append(keras.layers.Dense(losses.NUM_CLASSES, activation=wiring.activation, dtype="float32"))
     return keras.Sequential(layers, name="mlp")
 
 
 def build_optimizer(t: params.TrainParams) -> keras.optimizers.Optimizer:
     """`train.optimizer` (and its schedule), wrapped for loss scaling under mixed_float16."""
-    optimizer = registry.make_optimizer(t)
+    optimizer = optimizers.build(t.optimizer, t.lr_schedule)
     if keras.mixed_precision.global_policy().name == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
@@ -191,17 +190,17 @@ def main() -> None:
     strategy, watch = configure(t)
     data = datasets.load_npz(DATA)
     datasets.check_sizes(len(data["y_train"]), len(data["y_test"]), t)
-    x, y = data["x_train"], registry.encode_labels(data["y_train"], registry.LOSSES[t.loss])
+    x, y = data["x_train"], losses.encode_labels(data["y_train"], losses.LOSSES[t.loss])
     multi = t.distribute == "multi_worker"
     if multi:  # before the model: its variables are the cluster's first collectives (the chief's values)
         with cluster_errors():
             engine.check_agreement(strategy, fingerprint(p, x, y))
-    wiring = registry.head(t.loss, p.model.output_activation, t.from_logits)
+    wiring = losses.head(t.loss, p.model.output_activation, t.from_logits)
     with strategy.scope():
         model, optimizer = build_model(p.model, wiring), build_optimizer(t)
-    loss = registry.make_loss(t, from_logits=wiring.from_logits)
+    loss = losses.build(t.loss, t.loss_args, from_logits=wiring.from_logits)
     loop = engine.Loop(
-        model, loss, lambda: registry.make_metrics(t, from_logits=wiring.from_logits), optimizer, strategy,
+        model, loss, lambda: losses.metrics(t.loss, from_logits=wiring.from_logits), optimizer, strategy,
         steps_per_execution=t.speed.steps_per_execution, jit_compile=t.speed.jit_compile,
     )  # fmt: skip
     stopper = early_stopping(t.early_stopping)

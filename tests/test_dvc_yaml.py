@@ -40,7 +40,7 @@ def lib_modules(path: Path, seen: set[str] | None = None) -> set[str]:
 
 def imports_tensorflow(path: Path) -> bool:
     """Whether `path` imports TensorFlow or Keras when it is imported (module level: a function's lazy
-    import, e.g. registry's `make_*`, runs only in the stage that calls it)."""
+    import, e.g. losses.build's, runs only in the stage that calls it)."""
     names = [
         alias.name if isinstance(node, ast.Import) else node.module or ""
         for node in ast.parse(path.read_text(encoding="utf-8")).body

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from commands import images
-from pipeline import export, params, registry, serving
+from pipeline import export, losses, optimizers, params, serving
 from pipeline.errors import StageError
 from tests.digits import (
     TWISTS,
@@ -483,13 +483,13 @@ def test_a_model_trained_on_logits_ships_probabilities(tmp_path: Path, small: di
     p = params.parse({"train": {"loss": "categorical_crossentropy", "from_logits": True}})
     from stages import train
 
-    wiring = registry.head("categorical_crossentropy", from_logits=True)
+    wiring = losses.head("categorical_crossentropy", from_logits=True)
     assert (wiring.activation, wiring.output) == ("linear", "softmax")
     core = train.build_model(p.model, wiring)
-    optimizer = registry.make_optimizer(p.train)
-    core.compile(optimizer=optimizer, loss=registry.make_loss(p.train, from_logits=True))
-    spec = registry.LOSSES["categorical_crossentropy"]
-    core.fit(small["x_train"], registry.encode_labels(small["y_train"], spec), epochs=1, verbose=0)
+    optimizer = optimizers.build(p.train.optimizer, p.train.lr_schedule)
+    core.compile(optimizer=optimizer, loss=losses.build(p.train.loss, p.train.loss_args, from_logits=True))
+    spec = losses.LOSSES["categorical_crossentropy"]
+    core.fit(small["x_train"], losses.encode_labels(small["y_train"], spec), epochs=1, verbose=0)
     stats = {"method": "scale", "mean": 0.0, "std": 1.0}
     shipped = export.standalone(core, stats, p.train, wiring, optimizer)
     export.save(shipped, tmp_path / "models", serving.card("categorical_crossentropy", wiring, stats))
@@ -514,7 +514,7 @@ def tiny_shipped(folder: Path, *layers: keras.layers.Layer) -> Path:
     model = keras.Sequential([keras.Input((28, 28), dtype="uint8"), keras.layers.Flatten(), *layers])
     model.compile(loss="categorical_crossentropy")
     stats = {"method": "scale", "mean": 0.0, "std": 1.0}
-    wiring = registry.head("categorical_crossentropy")
+    wiring = losses.head("categorical_crossentropy")
     export.save(model, folder, serving.card("categorical_crossentropy", wiring, stats))
     return folder
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import log_loss
 
-from pipeline import export, params, registry, serving
+from pipeline import export, losses, optimizers, params, serving
 from stages import train
 
 CASES = {
@@ -30,11 +30,13 @@ def shipped(folder: Path, section: dict, small: dict) -> tuple[keras.Model, np.n
     """Train one epoch on the small sample as train does, export as train does: the Keras model shipped,
     the uint8 test images and their labels."""
     p = params.parse({"train": section})
-    wiring = registry.head(p.train.loss, from_logits=p.train.from_logits)
+    wiring = losses.head(p.train.loss, from_logits=p.train.from_logits)
     core = train.build_model(p.model, wiring)
-    optimizer = registry.make_optimizer(p.train)
-    core.compile(optimizer=optimizer, loss=registry.make_loss(p.train, from_logits=wiring.from_logits))
-    labels = registry.encode_labels(small["y_train"], registry.LOSSES[p.train.loss])
+    optimizer = optimizers.build(p.train.optimizer, p.train.lr_schedule)
+    core.compile(
+        optimizer=optimizer, loss=losses.build(p.train.loss, p.train.loss_args, from_logits=wiring.from_logits)
+    )
+    labels = losses.encode_labels(small["y_train"], losses.LOSSES[p.train.loss])
     core.fit(small["x_train"], labels, epochs=1, verbose=0)
     stats = {"method": "scale", "mean": 0.0, "std": 1.0}
     model = export.standalone(core, stats, p.train, wiring, optimizer)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import keras
 
-from pipeline import params, registry
+from pipeline import losses, params
 from stages import train
 
 
 def test_model_follows_the_params() -> None:
     p = params.parse({"model": {"hidden_units": [64, 32], "activation": "tanh", "dropout": 0.2}})
-    model = train.build_model(p.model, registry.head(p.train.loss))
+    model = train.build_model(p.model, losses.head(p.train.loss))
     dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
     assert [layer.units for layer in dense] == [64, 32, 10]
     assert [layer.activation.__name__ for layer in dense] == ["tanh", "tanh", "softmax"]
@@ -19,7 +19,7 @@ def test_model_follows_the_params() -> None:
 
 
 def test_the_tutorials_model_is_the_default() -> None:
-    model = train.build_model(params.Params().model, registry.head("sparse_categorical_crossentropy"))
+    model = train.build_model(params.Params().model, losses.head("sparse_categorical_crossentropy"))
     assert [type(layer).__name__ for layer in model.layers] == ["Flatten", "Dense", "Dense"]
     assert model.count_params() == 28 * 28 * 128 + 128 + 128 * 10 + 10
 
@@ -35,14 +35,14 @@ def test_the_saved_epoch_is_the_one_early_stopping_restored_else_the_last() -> N
 
 
 def test_one_head_decides_the_trained_and_the_shipped_output() -> None:
-    """registry.head: what the last layer is trained as, and what the shipped model outputs."""
-    assert registry.head("sparse_categorical_crossentropy") == registry.Head("softmax", False, "softmax")
-    assert registry.head("binary_crossentropy", from_logits=True) == registry.Head("linear", True, "sigmoid")
-    assert registry.head("mean_squared_error", "linear") == registry.Head("linear", False, "linear")
-    assert registry.head("categorical_hinge") == registry.Head("linear", False, "linear")
-    for loss, spec in registry.LOSSES.items():
+    """losses.head: what the last layer is trained as, and what the shipped model outputs."""
+    assert losses.head("sparse_categorical_crossentropy") == losses.Head("softmax", False, "softmax")
+    assert losses.head("binary_crossentropy", from_logits=True) == losses.Head("linear", True, "sigmoid")
+    assert losses.head("mean_squared_error", "linear") == losses.Head("linear", False, "linear")
+    assert losses.head("categorical_hinge") == losses.Head("linear", False, "linear")
+    for loss, spec in losses.LOSSES.items():
         for requested in ("auto", *spec.activations):
-            wiring = registry.head(loss, requested)
+            wiring = losses.head(loss, requested)
             assert wiring.activation == wiring.output in spec.activations and not wiring.from_logits
         if spec.from_logits:  # on logits the shipped model ends in the loss's own probabilities
-            assert registry.head(loss, from_logits=True).output == spec.default_activation
+            assert losses.head(loss, from_logits=True).output == spec.default_activation

@@ -14,9 +14,9 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline import datasets, params, registry
+from pipeline import datasets, engine, optimizers, params
 from pipeline.errors import ParamError
-from tests.harness import ROOT, run, write_params
+from tests.harness import copy_code, run, write_params
 
 PYTHON = sys.executable
 pytestmark = pytest.mark.slow(minutes=2)  # on one core: schedules the longest first
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow(minutes=2)  # on one core: schedules the longest f
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A project copy with the data downloaded and normalized and one default model trained."""
     path = tmp_path_factory.mktemp("outcomes")
-    shutil.copytree(ROOT / "stages", path / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    copy_code(path)
     write_params(path, {"train": {"epochs": 1}})
     for stage in ("download", "normalize", "train"):
         run([PYTHON, "-m", f"stages.{stage}"], path)
@@ -152,9 +152,9 @@ def test_an_integer_learning_rate_is_a_number(small: dict) -> None:
     """`dvc exp run -S train.optimizer.learning_rate=1` writes the integer 1."""
     for optimizer in ({"name": "sgd", "learning_rate": 1}, {"name": "sgd", "learning_rate": 1, "momentum": 0}):
         p = params.parse({"train": {"optimizer": optimizer}})
-        built = registry.make_optimizer(p.train)
+        built = optimizers.build(p.train.optimizer, p.train.lr_schedule)
         assert float(built.learning_rate) == 1.0
-        registry.trial(p.train)  # train's one-step trial (run when another option is present) accepts it too
+        engine.trial(p.train)  # train's one-step trial (run when another option is present) accepts it too
 
 
 def test_mixed_precision_with_logits_ships_float32_probabilities(project_copy: Path) -> None:
