@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from commands import study_protocol as sp
@@ -133,7 +133,7 @@ def main() -> None:
     from commands import study_report
     from commands import study_worker as sw
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed run is one line of ours, with its log
     url = args.storage or sw.DEFAULT_STORAGE
     storage = sw.open_storage(url, args.heartbeat, args.grace)
     if args.report_only:
@@ -150,41 +150,23 @@ def main() -> None:
 
         with Repo(".") as repo:  # each run is a `dvc exp run --temp`
             cache_integrity.check_runs_outside_workspace(repo)
-        lock = sw.StorageLock(url)
-        study = sw.join_study(storage, args.study_name, design, lock)
+        study = sw.join_study(storage, args.study_name, design, args.grace)
         started = time.time()
-        workers = [
-            sw.Worker(study, design, lock, prefix=args.study_name, label=f"w{i + 1}", push=args.push,
-                      poll_s=args.poll, started=started - 1)
-            for i in range(args.workers)
-        ]  # fmt: skip
-        failures: list[BaseException] = []
-
-        def work(worker: sw.Worker) -> None:
-            try:
-                worker.run()
-            except BaseException as exc:  # re-raised below, on the main thread
-                failures.append(exc)
-
-        threads = [threading.Thread(target=work, args=(w,), name=w.label) for w in workers]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if failures:
-            raise failures[0]
-        print(f"ran {sum(w.ran for w in workers)} experiments in {time.time() - started:.0f} s", flush=True)
-    states = sw.collect(study.get_trials(deepcopy=False))
-    report = study_report.summarize(design, states, args.study_name)
-    runs = report["runs"]
+        options = {"push": args.push, "poll_s": args.poll, "grace_s": args.grace}
+        with ThreadPoolExecutor(args.workers) as pool:  # threads: each run is a dvc subprocess
+            ran = pool.map(lambda i: sw.work(storage, args.study_name, design, label=f"w{i + 1}", **options),
+                           range(args.workers))  # fmt: skip
+            print(f"ran {sum(ran)} experiments in {time.time() - started:.0f} s", flush=True)
+    done, failed = sw.collect(study.get_trials(deepcopy=False))
+    failed = [sw.failure(t) for t in failed]
+    runs = study_report.summarize(design, done, failed, args.study_name)["runs"]
     if runs["done"]:  # a study where nothing finished leaves the reports that are there
-        report = study_report.write(design, states, args.study_name, args.reports)
+        study_report.write(design, done, failed, args.study_name, args.reports)
         print(f"study {args.study_name!r}: {runs['done']} of {runs['planned']} runs done -> {args.reports}/study.md")
-    if report["failed"]:
-        first = report["failed"][0]
+    if failed:
         raise errors.StageError(
-            f"{len(report['failed'])} of {runs['planned']} runs failed (run the study again to retry them); "
-            f"first: {first['slot']}: {first['message']}"
+            f"{len(failed)} of {runs['planned']} runs failed (run the study again to retry them); "
+            f"first: {failed[0]['experiment']}: {failed[0]['message']}"
         )
 
 

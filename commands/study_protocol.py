@@ -1,19 +1,18 @@
-"""The study's protocol, as data: which runs it needs, and what each run's open choices resolve to.
+"""The study's protocol, as data: its runs, phase by phase, and what the finished runs choose.
 
-A configuration is a (loss, optimizer) pair. For each one the learning rate is tuned on a log grid
-at the first seed by the *validation* accuracy of the saved epoch, then the best learning rate is
-rerun at the other seeds (the tuning run at that rate is the first seed's run). Two designs:
+A configuration is a (loss, optimizer) pair. Its learning rate is tuned on a log grid at the first
+seed by the *validation* accuracy of the saved epoch (ties: the smaller rate); the best rate is
+rerun at the other seeds (the tuning run at it is the first seed's run). Two designs:
 
 - two-stage (default): every optimizer with the baseline loss (stage 1), then every loss with the
-  optimizer whose mean validation accuracy over the seeds, at its best learning rate, is highest
-  (stage 2: its optimizer is "best" until stage 1 is done);
+  optimizer whose mean validation accuracy over the seeds, at its best rate, is highest (stage 2);
 - grid: every loss x every optimizer.
 
-The baseline pair (default: the project's default loss and Adam) is always in. The plan is a fixed
-list of slots, known before any result: a seed slot's learning rate and a stage-2 slot's optimizer
-are resolved when a worker takes the slot, from the finished runs its choice depends on. Slots are
-ordered so that a slot's dependencies come before it (a worker that takes one early waits, rarely).
-Nothing here touches Optuna or DVC: `commands.study_worker` stores and runs the slots.
+The baseline pair (default: the project's default loss and Adam) is always in. The runs come in
+phases, each known once every run of the phases before it is done: `tune` (stage 1's tuning runs
+and the diagnostics), `seeds` (each configuration's best rate at the other seeds), then `tune-2` and
+`seeds-2` (stage 2, with stage 1's best optimizer; none in a grid). Nothing here touches Optuna or
+DVC: `commands.study_worker` queues and runs the phases.
 """
 
 from __future__ import annotations
@@ -21,36 +20,25 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import statistics as pystats
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-BEST = "best"  # the optimizer of a stage-2 slot, until stage 1 has chosen it
+BEST = "best"  # a stage-2 configuration's optimizer in the report, until stage 1 has chosen it
 BASELINE = ("sparse_categorical_crossentropy", "adam")
 DEFAULT_OPTIMIZERS = ("adam", "sgd", "rmsprop", "adamw", "adagrad", "nadam")
 DEFAULT_LRS = (0.0001, 0.001, 0.01, 0.1, 1.0)
 DEFAULT_SEEDS = 5
 FIRST_SEED = 42  # the project's default train.seed: the first seed's runs can come from the run-cache
 # The tutorial's cases: small-gradient losses at SGD's small default step against Adam (gradient norms logged)
-DEFAULT_DIAGNOSTICS = (
-    ("binary_crossentropy", "sgd", 0.001),
-    ("binary_crossentropy", "adam", 0.001),
-    ("mean_squared_error", "sgd", 0.001),
-    ("mean_squared_error", "adam", 0.001),
-)
+DEFAULT_DIAGNOSTICS = (("binary_crossentropy", "sgd", 0.001), ("binary_crossentropy", "adam", 0.001),
+                       ("mean_squared_error", "sgd", 0.001), ("mean_squared_error", "adam", 0.001))  # fmt: skip
+KINDS = ("tune", "seed", "diag")
 # short names for experiment names (git ref names: letters, digits, '-', '.')
-LOSS_ABBR = {
-    "sparse_categorical_crossentropy": "scce",
-    "categorical_crossentropy": "cce",
-    "binary_crossentropy": "bce",
-    "categorical_focal_crossentropy": "cfce",
-    "binary_focal_crossentropy": "bfce",
-    "kl_divergence": "kld",
-    "poisson": "poisson",
-    "categorical_hinge": "chinge",
-    "squared_hinge": "sqhinge",
-    "mean_squared_error": "mse",
-}
+LOSS_ABBR = {"sparse_categorical_crossentropy": "scce", "categorical_crossentropy": "cce", "binary_crossentropy": "bce",
+             "categorical_focal_crossentropy": "cfce", "binary_focal_crossentropy": "bfce", "kl_divergence": "kld",
+             "poisson": "poisson", "categorical_hinge": "chinge", "squared_hinge": "sqhinge",
+             "mean_squared_error": "mse"}  # fmt: skip
 
 
 def lr_text(lr: float) -> str:
@@ -87,21 +75,17 @@ class Design:
 
     def stage1(self) -> list[tuple[str, str]]:
         """Configurations known before any run: the optimizers with the baseline loss (or the grid)."""
-        loss0 = self.baseline[0]
         if self.grid:
-            pairs = [(loss, opt) for loss in self.losses for opt in self.optimizers]
-        else:
-            pairs = [(loss0, opt) for opt in self.optimizers]
-        return _unique([self.baseline, *pairs])
+            return _unique([self.baseline, *((loss, opt) for loss in self.losses for opt in self.optimizers)])
+        return _unique([self.baseline, *((self.baseline[0], opt) for opt in self.optimizers)])
 
-    def stage2(self) -> list[tuple[str, str]]:
-        """Configurations with the best optimizer of stage 1 (none in a grid)."""
-        if self.grid:
-            return []
-        return [(loss, BEST) for loss in _unique(list(self.losses)) if loss != self.baseline[0]]
+    def stage2(self, optimizer: str | None) -> list[tuple[str, str]]:
+        """Every other loss with stage 1's best optimizer (none in a grid, or when no optimizer trained)."""
+        losses = _unique([loss for loss in self.losses if loss != self.baseline[0]])
+        return [] if self.grid or optimizer is None else [(loss, optimizer) for loss in losses]
 
-    def configs(self) -> list[tuple[str, str]]:
-        return self.stage1() + self.stage2()
+    def phases(self) -> tuple[str, ...]:
+        return ("tune", "seeds") if self.grid else ("tune", "seeds", "tune-2", "seeds-2")
 
 
 def _unique(items: list) -> list:
@@ -109,146 +93,87 @@ def _unique(items: list) -> list:
 
 
 @dataclass(frozen=True)
-class Slot:
-    """One run of the plan. `lr` None: the config's best (seed slots); `optimizer` BEST: stage 1's."""
+class Run:
+    """One run of the study; the field names are its Optuna trial's params."""
 
     kind: str  # tune | seed | diag
     loss: str
     optimizer: str
-    lr: float | None
+    learning_rate: float
     seed: int
 
-    @property
-    def key(self) -> str:
-        lr = lr_text(self.lr) if self.lr is not None else "best"
-        return f"{self.kind}|{self.loss}|{self.optimizer}|{lr}|{self.seed}"
-
-    @classmethod
-    def from_key(cls, key: str) -> Slot:
-        kind, loss, optimizer, lr, seed = key.split("|")
-        return cls(kind, loss, optimizer, None if lr == "best" else float(lr), int(seed))
-
-
-def plan(design: Design) -> list[Slot]:
-    """Every slot, dependencies first; each config's seeds after the next config's tuning runs."""
-    first, rest = design.seeds[0], design.seeds[1:]
-
-    def staged(configs: list[tuple[str, str]]) -> list[Slot]:
-        out: list[Slot] = []
-        pending: list[Slot] = []
-        for loss, opt in configs:
-            out += [Slot("tune", loss, opt, lr, first) for lr in design.lrs]
-            out += pending
-            pending = [Slot("seed", loss, opt, None, seed) for seed in rest]
-        return out + pending
-
-    diagnostics = [Slot("diag", loss, opt, lr, first) for loss, opt, lr in design.diagnostics]
-    return staged(design.stage1()) + diagnostics + staged(design.stage2())
-
-
-@dataclass
-class KeyState:
-    """What the storage holds for one slot: `done` (its record), else trial ids waiting / running / failed."""
-
-    done: dict | None = None
-    waiting: list[int] = field(default_factory=list)
-    running: list[int] = field(default_factory=list)
-    failed: list[tuple[float, str, int]] = field(default_factory=list)  # (when, message, trial number)
-
-
-@dataclass(frozen=True)
-class Spec:
-    """A resolved slot: the exact run."""
-
-    loss: str
-    optimizer: str
-    lr: float
-    seed: int
-    log_gradients: bool
-
-    def experiment(self, prefix: str, kind: str) -> str:
-        tag = "diag-" if kind == "diag" else ""
-        return f"{prefix}-{tag}{LOSS_ABBR.get(self.loss, self.loss)}-{self.optimizer}-lr{lr_text(self.lr)}-s{self.seed}"
-
-
-@dataclass(frozen=True)
-class Resolution:
-    status: str  # ready | wait | blocked | skip
-    spec: Spec | None = None
-    deps: tuple[str, ...] = ()  # keys not done yet (wait) or failed (blocked)
-    reason: str = ""
-
-
-class _NotYet(Exception):  # noqa: N818 - control flow inside resolve()
-    def __init__(self, status: str, deps: list[str], reason: str = "") -> None:
-        super().__init__(reason)
-        self.status, self.deps, self.reason = status, deps, reason
-
-
-def resolve(slot: Slot, design: Design, states: dict[str, KeyState]) -> Resolution:
-    """The run a slot stands for, or what it waits for (`wait`), or why it cannot run (`blocked`, `skip`)."""
-    try:
-        optimizer = best_optimizer(design, states) if slot.optimizer == BEST else slot.optimizer
-        lr = slot.lr if slot.lr is not None else best_lr(design, (slot.loss, slot.optimizer), states)
-    except _NotYet as exc:
-        return Resolution(exc.status, deps=tuple(exc.deps), reason=exc.reason)
-    return Resolution("ready", Spec(slot.loss, optimizer, lr, slot.seed, slot.kind == "diag"))
-
-
-def _need(keys: list[str], states: dict[str, KeyState]) -> list[dict]:
-    missing = [k for k in keys if states.get(k, KeyState()).done is None]
-    failed = [k for k in missing if not states.get(k, KeyState()).waiting and not states.get(k, KeyState()).running]
-    if failed:
-        raise _NotYet("blocked", failed, f"it depends on {len(failed)} run(s) that failed or were never queued")
-    if missing:
-        raise _NotYet("wait", missing)
-    return [states[k].done for k in keys]
+    def experiment(self, prefix: str) -> str:
+        """Its DVC experiment's name, e.g. study-scce-adam-lr0.001-s42 (study-diag-... for diagnostics)."""
+        tag = "diag-" if self.kind == "diag" else ""
+        loss = LOSS_ABBR.get(self.loss, self.loss)
+        return f"{prefix}-{tag}{loss}-{self.optimizer}-lr{lr_text(self.learning_rate)}-s{self.seed}"
 
 
 def ok(record: dict | None) -> bool:
     return bool(record) and record.get("outcome") == "ok"
 
 
-def tuning(design: Design, config: tuple[str, str], states: dict[str, KeyState]) -> list[dict]:
-    """The tuning runs' records of a config, in learning-rate order (raises _NotYet until all are done)."""
-    loss, opt = config
-    return _need([Slot("tune", loss, opt, lr, design.seeds[0]).key for lr in design.lrs], states)
+def runs_of(design: Design, phase: str, done: dict[Run, dict]) -> list[Run]:
+    """The runs of `phase`, chosen by the records of the runs before it (`done`: each done run's record)."""
+    first, rest = design.seeds[0], design.seeds[1:]
+    stage = design.stage1() if phase in ("tune", "seeds") else design.stage2(best_optimizer(design, done))
+    if phase.startswith("tune"):
+        runs = [Run("tune", loss, opt, lr, first) for loss, opt in stage for lr in design.lrs]
+        diagnostics = [Run("diag", loss, opt, lr, first) for loss, opt, lr in design.diagnostics]
+        return runs + diagnostics if phase == "tune" else runs
+    best = {config: best_lr(design, config, done) for config in stage}
+    return [Run("seed", *config, lr, seed) for config, lr in best.items() if lr is not None for seed in rest]
 
 
-def best_lr(design: Design, config: tuple[str, str], states: dict[str, KeyState]) -> float:
-    """The learning rate with the highest validation accuracy (ties: the smaller rate)."""
-    records = tuning(design, config, states)
-    scored = [(r["val_accuracy"], -lr) for lr, r in zip(design.lrs, records, strict=True) if ok(r)]
-    if not scored:
-        raise _NotYet("skip", [], f"no learning rate of {config[0]} + {config[1]} trained (all diverged or skipped)")
-    return -max(scored)[1]
+def next_phase(design: Design, done: dict[Run, dict]) -> tuple[str, list[Run]] | None:
+    """The first phase with a run not done, and its runs; None when every run of the study is done."""
+    for phase in design.phases():
+        runs = runs_of(design, phase, done)
+        if any(run not in done for run in runs):
+            return phase, runs
+    return None
 
 
-def seed_runs(design: Design, config: tuple[str, str], states: dict[str, KeyState]) -> tuple[float, list[dict]]:
-    """The best learning rate and the records of every seed's run at it (the first seed's is its tuning run)."""
-    lr = best_lr(design, config, states)
-    loss, opt = config
-    keys = [Slot("tune", loss, opt, lr, design.seeds[0]).key]
-    keys += [Slot("seed", loss, opt, None, seed).key for seed in design.seeds[1:]]
-    return lr, _need(keys, states)
+def planned(design: Design, done: dict[Run, dict]) -> tuple[list[Run], int]:
+    """The runs known so far (each phase's, up to the first not done) and how many the later phases will add
+    when every configuration trains."""
+    pending, phases = next_phase(design, done), design.phases()
+    cut = phases.index(pending[0]) + 1 if pending else len(phases)
+    stage1, stage2, seeds = len(design.stage1()), len(design.stage2(BEST)), len(design.seeds) - 1
+    size = {"seeds": stage1 * seeds, "tune-2": stage2 * len(design.lrs), "seeds-2": stage2 * seeds}
+    return [run for phase in phases[:cut] for run in runs_of(design, phase, done)], sum(map(size.get, phases[cut:]))
 
 
-def best_optimizer(design: Design, states: dict[str, KeyState]) -> str:
-    """Stage 1's optimizer with the highest mean validation accuracy over the seeds (ties: listed first)."""
+def best_lr(design: Design, config: tuple[str, str], done: dict[Run, dict]) -> float | None:
+    """The learning rate whose tuning run has the highest validation accuracy (ties: the smaller rate); None
+    while none of them has trained."""
+    runs = [(lr, done.get(Run("tune", *config, lr, design.seeds[0]))) for lr in design.lrs]
+    scored = [(record["val_accuracy"], -lr) for lr, record in runs if ok(record)]
+    return -max(scored)[1] if scored else None
+
+
+def seed_runs(design: Design, config: tuple[str, str], done: dict[Run, dict]) -> dict[int, dict]:
+    """Each seed's record at the configuration's best learning rate (the first seed's: its tuning run), trained ones."""
+    lr = best_lr(design, config, done)
+    if lr is None:
+        return {}
+    records = {seed: done.get(Run("seed", *config, lr, seed)) for seed in design.seeds[1:]}
+    records[design.seeds[0]] = done.get(Run("tune", *config, lr, design.seeds[0]))
+    return {seed: records[seed] for seed in design.seeds if ok(records[seed])}
+
+
+def best_optimizer(design: Design, done: dict[Run, dict]) -> str | None:
+    """Stage 1's optimizer with the highest mean validation accuracy over the seeds (ties: listed first);
+    BEST until every run of stage 1 is done, None when none trained."""
+    stage1 = runs_of(design, "tune", done) + runs_of(design, "seeds", done)
+    if any(run not in done for run in stage1):
+        return BEST
     scores = []
-    for index, (loss, opt) in enumerate(design.stage1()):
-        try:
-            _, runs = seed_runs(design, (loss, opt), states)
-        except _NotYet as exc:
-            if exc.status == "skip":
-                continue
-            raise
-        vals = [r["val_accuracy"] for r in runs if ok(r)]
-        if vals:
-            scores.append((pystats.fmean(vals), -index, opt))
-    if not scores:
-        raise _NotYet("skip", [], "no optimizer of stage 1 trained")
-    return max(scores)[2]
+    for index, config in enumerate(design.stage1()):
+        values = [record["val_accuracy"] for record in seed_runs(design, config, done).values()]
+        if values:
+            scores.append((pystats.fmean(values), -index, config[1]))
+    return max(scores)[2] if scores else None
 
 
 def code_id(listing: str) -> str:

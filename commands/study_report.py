@@ -10,7 +10,6 @@ gradient norms and update ratios per epoch.
 
 from __future__ import annotations
 
-import math
 import statistics as pystats
 from pathlib import Path
 from typing import Any
@@ -24,16 +23,10 @@ PLOT_PERF = "study_performance.png"
 PLOT_GRAD = "study_gradients.png"
 
 
-def _done(states: dict[str, sp.KeyState], slot: sp.Slot) -> dict | None:
-    st = states.get(slot.key)
-    return st.done if st else None
-
-
-def config_summary(design: sp.Design, config: tuple[str, str], states: dict[str, sp.KeyState]) -> dict:
+def config_summary(design: sp.Design, config: tuple[str, str], done: dict[sp.Run, dict], stage: int) -> dict:
     """Everything the report says about one configuration (what has finished of it)."""
     loss, opt = config
-    first = design.seeds[0]
-    tune = [(lr, _done(states, sp.Slot("tune", loss, opt, lr, first))) for lr in design.lrs]
+    tune = [(lr, done.get(sp.Run("tune", loss, opt, lr, design.seeds[0]))) for lr in design.lrs]
     sensitivity = [
         {
             "learning_rate": lr,
@@ -43,25 +36,13 @@ def config_summary(design: sp.Design, config: tuple[str, str], states: dict[str,
         }
         for lr, rec in tune
     ]
-    scored = [(rec["val_accuracy"], -lr) for lr, rec in tune if sp.ok(rec)]
-    best = -max(scored)[1] if scored else None
-    runs: dict[int, dict] = {}
-    if best is not None:
-        runs[first] = dict(tune)[best]
-        for seed in design.seeds[1:]:
-            rec = _done(states, sp.Slot("seed", loss, opt, None, seed))
-            if sp.ok(rec) and math.isclose(rec.get("learning_rate", best), best):
-                runs[seed] = rec
-    runs = {seed: rec for seed, rec in runs.items() if sp.ok(rec)}
-    optimizer = next((r["optimizer"] for r in runs.values()), None) or next(
-        (r["optimizer"] for _, r in tune if r and r.get("optimizer")), opt
-    )
+    runs = sp.seed_runs(design, config, done)
     return {
         "loss": loss,
-        "optimizer": optimizer,
-        "stage": 2 if opt == sp.BEST else 1,
+        "optimizer": opt,
+        "stage": stage,
         "baseline": config == tuple(design.baseline),
-        "best_learning_rate": best,
+        "best_learning_rate": sp.best_lr(design, config, done),
         "seeds": sorted(runs),
         "test_accuracy": _interval([runs[s]["test_accuracy"] for s in sorted(runs)]),
         "validation_accuracy": _interval([runs[s]["val_accuracy"] for s in sorted(runs)]),
@@ -77,9 +58,12 @@ def _interval(values: list[float]) -> dict:
     return {**mean_ci(values).as_dict(), "values": values}  # values: in the order of "seeds"
 
 
-def summarize(design: sp.Design, states: dict[str, sp.KeyState], name: str) -> dict:
-    """The report's numbers (study.json)."""
-    configs = [config_summary(design, c, states) for c in design.configs()]
+def summarize(design: sp.Design, done: dict[sp.Run, dict], failed: list[dict], name: str) -> dict:
+    """The report's numbers (study.json). `done`: each done run's record; `failed`: {experiment, message,
+    trial} of each run whose last trial failed."""
+    best = sp.best_optimizer(design, done)
+    stage2 = design.stage2(best or sp.BEST)  # "best" until stage 1 has chosen
+    configs = [config_summary(design, c, done, 2 if c in stage2 else 1) for c in design.stage1() + stage2]
     base = next(c for c in configs if c["baseline"])
     base_runs = base["_runs"]
     target = pystats.fmean(r["val_accuracy"] for r in base_runs.values()) if base_runs else None
@@ -105,7 +89,7 @@ def summarize(design: sp.Design, states: dict[str, sp.KeyState], name: str) -> d
         }
     diagnostics = []
     for loss, opt, lr in design.diagnostics:
-        rec = _done(states, sp.Slot("diag", loss, opt, lr, design.seeds[0]))
+        rec = done.get(sp.Run("diag", loss, opt, lr, design.seeds[0]))
         if rec:
             diagnostics.append(
                 {
@@ -118,21 +102,20 @@ def summarize(design: sp.Design, states: dict[str, sp.KeyState], name: str) -> d
                     "gradients": rec.get("gradients", {}),
                 }
             )
-    plan = sp.plan(design)
-    done = [s for s in plan if _done(states, s)]
-    failed = [
-        {"slot": s.key, "message": states[s.key].failed[-1][1], "trial": states[s.key].failed[-1][2]}
-        for s in plan
-        if s.key in states and not _done(states, s) and states[s.key].failed
-    ]
-    run_s = [_done(states, s).get("run_s") or 0.0 for s in done]
-    stage2 = [c for c in configs if c["stage"] == 2]
+    known, later = sp.planned(design, done)
+    finished = [done[run] for run in known if run in done]
+    run_s = [record.get("run_s") or 0.0 for record in finished]
     return {
         "study": name,
         "design": {k: v for k, v in design.as_dict().items() if k != "diagnostics"},
         "baseline": {"loss": design.baseline[0], "optimizer": design.baseline[1]},
-        "best_optimizer": stage2[0]["optimizer"] if stage2 and stage2[0]["optimizer"] != sp.BEST else None,
-        "runs": {"planned": len(plan), "done": len(done), "failed": len(failed), "run_seconds": round(sum(run_s), 1)},
+        "best_optimizer": best if stage2 and best != sp.BEST else None,
+        "runs": {
+            "planned": len(known) + later,
+            "done": len(finished),
+            "failed": len(failed),
+            "run_seconds": round(sum(run_s), 1),
+        },
         "configs": configs,
         "diagnostics": diagnostics,
         "failed": failed,
@@ -196,7 +179,7 @@ def markdown(report: dict, images: list[str]) -> str:
         f"{runs['run_seconds'] / 60:.1f} minutes of runs in all (summed over workers).",
     ]
     for f in report["failed"]:
-        lines.append(f"- failed: `{f['slot']}` (trial {f['trial']}): {f['message']}")
+        lines.append(f"- failed: `{f['experiment']}` (trial {f['trial']}): {f['message']}")
     lines += ["", *[f"![{alt}]({path})" for alt, path in images], ""]
     return "\n".join(lines)
 
@@ -334,9 +317,9 @@ def _plot_gradients(plt: Any, report: dict, out: Path) -> tuple[str, str]:
     return ("Gradient norms and update ratios of the diagnostics", PLOT_GRAD)
 
 
-def write(design: sp.Design, states: dict[str, sp.KeyState], name: str, out: Path) -> dict:
+def write(design: sp.Design, done: dict[sp.Run, dict], failed: list[dict], name: str, out: Path) -> dict:
     """Write study.md, study.json and the plots into `out`; returns the report."""
-    report = summarize(design, states, name)
+    report = summarize(design, done, failed, name)
     out.mkdir(parents=True, exist_ok=True)
     images = plots(report, out)
     atomic.write_json(out / "study.json", report)

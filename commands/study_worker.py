@@ -1,27 +1,27 @@
-"""The study's workers: Optuna's storage holds the plan's slots, each worker takes one at a time and
-runs it as a DVC experiment of the pipeline (`dvc exp run --temp --name <readable name> -S ...`).
+"""The study's workers, on Optuna's own queue: each run (`commands.study_protocol`) is an enqueued trial,
+taken and run by `study.optimize` as a DVC experiment of the pipeline (`dvc exp run --temp --name <readable
+name> -S ...`), whose metrics are read back from the experiment.
 
-Why it is run once, even with workers on several machines started together:
-- the study's creator (`optuna.create_study(load_if_exists=False)` succeeds for one process only)
-  enqueues every slot as a WAITING trial; a worker takes one by switching it WAITING -> RUNNING in
-  the storage, which succeeds for one worker only (PostgreSQL: SELECT ... FOR UPDATE; SQLite, one
-  machine: under a file lock as well, since SQLite's driver does not lock on the read);
-- a worker that finds the queue empty enqueues the slots that have no trial at all (a creator that
-  died mid-way) or whose trial failed before this run started; should two do it at once, the
-  later copy of a slot is dropped when taken (PRUNED, `outcome: duplicate`): a slot's run is the
-  one with the lowest trial id among those running or done;
-- every trial a worker holds has a heartbeat (Optuna's RDB heartbeat table); a trial whose worker
-  died (killed, machine lost) goes stale after the grace period, and the next worker to look fails
-  it and Optuna's `RetryHeartbeatStaleTrialCallback` enqueues it again: retried, not lost. The
-  `dvc exp run` of a dead worker dies with it (PR_SET_PDEATHSIG), and its stage with that dvc;
-- an experiment that already exists under the trial's name (its worker died after DVC finished)
-  is read, not rerun; a configuration that ran before comes from DVC's run-cache.
+Why each run is done once, even with workers on several machines started together:
+- a phase's runs are enqueued, once every run before them is done, by the one process whose
+  `optuna.create_study` of the phase's marker study (`<study>:<phase>`) succeeds; the others wait until it
+  marks it done. One silent for the grace period is taken for dead: the winner of the next marker
+  (`<study>:<phase>'`) enqueues what it left. The study itself holds the design, set by its creator;
+- `study.optimize` takes a run by switching its trial WAITING -> RUNNING, which one worker only can do
+  (PostgreSQL locks the row; on SQLite every transaction begins IMMEDIATE, `open_storage`, or two could
+  read it WAITING at once). A worker that loses the race for the last waiting run gets a new trial from
+  Optuna, which the objective prunes at once (it names no experiment);
+- Optuna's heartbeat marks each running trial; one whose worker died (killed, machine lost) goes stale
+  after the grace period, `fail_stale_trials` fails it and the storage's `RetryHeartbeatStaleTrialCallback`
+  enqueues it again. The dead worker's `dvc exp run` dies with it (PR_SET_PDEATHSIG), its stage with that dvc;
+- a run that failed is retried by the next start of the command, in one process (marker `<study>:retry-<trial>`);
+- an experiment that exists under the run's name (its worker died after DVC finished) is read, not rerun;
+  a configuration that ran before comes from DVC's run-cache.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import json
 import os
@@ -30,20 +30,20 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
 import psutil
+import sqlalchemy
 import yaml
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from commands import cache_integrity
 from commands import study_protocol as sp
-from pipeline import runner
+from pipeline import losses, optimizers, runner
 from pipeline.errors import StageError
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats: stable in use
@@ -52,8 +52,8 @@ DEFAULT_STORAGE = "sqlite:///.dvc/tmp/study/optuna.db"
 LOG_DIR = Path(".dvc/tmp/study/logs")  # each trial's `dvc exp run` output, on the machine that ran it
 PIPELINE = ("stages", "pipeline", "dvc.yaml", "params.yaml")  # what every worker must share (HEAD's)
 BUSY = ("is busy, it is being blocked by", "the index is locked")  # DVC's and git's words for another's lock
-BUSY_TRIES = 5
-BLOCKED_AFTER_S = 15.0  # a dependency failed this long ago and no retry was queued: give up on the slot
+MAX_RETRY = 3  # a run whose worker dies this often (killed for memory?) waits for the next start of the command
+Retry = optuna.storages.RetryHeartbeatStaleTrialCallback
 
 
 class TrialFailed(Exception):  # noqa: N818 - a trial's outcome, not a bug
@@ -68,10 +68,12 @@ def git(*args: str) -> str:
 
 
 def code_id() -> str:
-    """Hash of HEAD's pipeline files; refuses uncommitted changes to them (another machine would not have them)."""
+    """Hash of HEAD's pipeline files. Raises StageError on uncommitted changes to them (another machine
+    would not have them)."""
     dirty = git("status", "--porcelain", "--untracked-files=no", "--", *PIPELINE).strip()
     deadline = time.monotonic() + 60
-    # another worker's `dvc exp run --temp -S` in this folder writes params.yaml while it stashes the run
+    # a worker of another process in this folder (the PostgreSQL test runs two): its `dvc exp run --temp -S`
+    # writes params.yaml here while it stashes the run
     while dirty and _dvc_running_here() and time.monotonic() < deadline:
         time.sleep(0.5)
         dirty = git("status", "--porcelain", "--untracked-files=no", "--", *PIPELINE).strip()
@@ -85,7 +87,6 @@ def code_id() -> str:
 
 
 def _dvc_running_here() -> bool:
-    """Whether a `dvc` command runs in this folder (another study worker's experiment)."""
     here = os.getcwd()
     for proc in psutil.process_iter(["cmdline", "cwd"]):
         with contextlib.suppress(psutil.Error):
@@ -94,132 +95,174 @@ def _dvc_running_here() -> bool:
     return False
 
 
-def gradients_supported() -> bool:
-    """Whether this pipeline's params.yaml has `train.log_gradients` (the train stage can log gradient norms)."""
-    params = yaml.safe_load(git("show", "HEAD:params.yaml")) or {}
-    return "log_gradients" in (params.get("train") or {})
-
-
-# --- storage -----------------------------------------------------------------------------------
-
-
 def open_storage(url: str, heartbeat_s: int, grace_s: int) -> optuna.storages.RDBStorage:
-    """An RDB storage (SQLite file or PostgreSQL URL) with heartbeats and retry of a dead worker's trial."""
+    """An RDB storage (SQLite file or PostgreSQL URL) with heartbeats and retry of a dead worker's trial.
+    Raises StageError when it cannot be opened (SQLAlchemy's first line says why)."""
+    sqlite = url.startswith("sqlite:///")
     kwargs: dict = {}
-    if url.startswith("sqlite:///"):
+    if sqlite:  # pysqlite begins no transaction itself (isolation_level None): the "begin" listener below does
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120, "isolation_level": None}}
     for attempt in range(5):  # two workers creating the tables of a new database at once: one retries
         try:
-            return optuna.storages.RDBStorage(
-                url,
-                heartbeat_interval=heartbeat_s,
-                grace_period=grace_s,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
-                **kwargs,
-            )
+            storage = optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=grace_s,
+                                                 heartbeat_stale_trial_callback=Retry(MAX_RETRY), **kwargs)  # fmt: skip
+            break
         except Exception as exc:  # SQLAlchemy's errors: a wrong URL, an unreachable server, a bad password
             error = exc
             time.sleep(0.5 + random.random() * (attempt + 1))
-    raise StageError(f"cannot open the study storage {redact(url)}: {str(error).splitlines()[0]}") from None
+    else:
+        raise StageError(f"cannot open the study storage {redact(url)}: {str(error).splitlines()[0]}") from None
+    if sqlite:  # SQLAlchemy's recipe for SQLite: Optuna's read-then-write (WAITING -> RUNNING) holds the lock
+        sqlalchemy.event.listen(storage.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+    return storage
 
 
 def redact(url: str) -> str:
-    """The URL without its password."""
-    scheme, sep, rest = url.partition("://")
-    if "@" in rest and ":" in rest.split("@", 1)[0]:
-        user = rest.split("@", 1)[0].split(":", 1)[0]
-        rest = f"{user}:***@{rest.split('@', 1)[1]}"
-    return f"{scheme}{sep}{rest}"
+    """The URL without its password (SQLAlchemy's rendering; one it cannot parse, as given)."""
+    with contextlib.suppress(sqlalchemy.exc.ArgumentError):
+        return sqlalchemy.engine.make_url(url).render_as_string()
+    return url
 
 
-class StorageLock:
-    """Serializes read-check-write steps on a SQLite storage (one machine); PostgreSQL needs none."""
-
-    def __init__(self, url: str) -> None:
-        self.path = Path(url.removeprefix("sqlite:///") + ".lock") if url.startswith("sqlite:///") else None
-
-    @contextlib.contextmanager
-    def __call__(self) -> Iterator[None]:
-        if self.path is None:
-            yield
-            return
-        with open(
-            self.path, "a", encoding="utf-8"
-        ) as handle:  # a new open file per call: locks threads of this process too
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            yield
-
-
-def join_study(storage: optuna.storages.RDBStorage, name: str, design: sp.Design, lock: StorageLock) -> optuna.Study:
-    """Create the study and enqueue its plan (one process wins), or join it if its design is the same."""
-    try:
-        study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=False)
-    except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=name, storage=storage)
-        for _ in range(60):  # its creator writes the design right after creating it
-            if "design" in study.user_attrs:
-                break
-            time.sleep(0.5)
-        else:
-            study.set_user_attr("design", design.as_dict())
-        check_design(name, sp.Design.from_dict(study.user_attrs["design"]), design, study)
-        return study
-    study.set_user_attr("design", design.as_dict())
-    with lock():
-        for slot in sp.plan(design):
-            study.enqueue_trial({}, user_attrs=slot_attrs(slot))
-    return study
+def once(storage: optuna.storages.BaseStorage, marker: str, action: Callable[[], None], grace_s: float) -> None:
+    """Do `action`, an idempotent enqueue, in the one process whose `create_study(marker)` succeeds; the
+    others wait until it marks it done, or for the grace period: then the next marker's winner does it."""
+    while True:
+        try:
+            gate = optuna.create_study(storage=storage, study_name=marker)
+        except optuna.exceptions.DuplicatedStudyError:
+            gate = optuna.load_study(study_name=marker, storage=storage)
+            deadline = time.monotonic() + grace_s
+            while not gate.user_attrs.get("done") and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if gate.user_attrs.get("done"):
+                return
+            marker += "'"  # its winner died before it was done
+            continue
+        action()
+        gate.set_user_attr("done", True)
+        return
 
 
-def slot_attrs(slot: sp.Slot) -> dict:
-    return {"slot": slot.key, "kind": slot.kind, "loss": slot.loss, "optimizer": slot.optimizer, "seed": slot.seed}
+def enqueue(study: optuna.Study, runs: list[sp.Run], prefix: str, after: int = -1) -> None:
+    """Enqueue each run with no trial numbered after `after` (not `skip_if_exists`: a retry has the failed
+    trial's params)."""
+    have = {t.user_attrs.get("experiment") for t in study.get_trials(deepcopy=False) if t.number > after}
+    for run in runs:
+        if run.experiment(prefix) not in have:
+            study.enqueue_trial(vars(run), user_attrs={"experiment": run.experiment(prefix)})
 
 
-def check_design(name: str, stored: sp.Design, mine: sp.Design, study: optuna.Study) -> None:
-    diffs = [
-        f"{k}: {getattr(stored, k)!r} there, {getattr(mine, k)!r} here"
-        for k in stored.as_dict()
-        if k != "code" and getattr(stored, k) != getattr(mine, k)
-    ]
+def join_study(storage: optuna.storages.RDBStorage, name: str, design: sp.Design, grace_s: float) -> optuna.Study:
+    """The study, created with this design (one process sets it) or joined if its design is the same; its failed
+    runs queued again. Raises StageError when its settings, or its code while it is not done, differ from here."""
+    study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True)
+    mine = functools.partial(study.set_user_attr, "design", design.as_dict())
+    once(storage, f"{name}:design", lambda: "design" in study.user_attrs or mine(), grace_s)  # the first one's
+    stored = sp.Design.from_dict(study.user_attrs["design"])
+    diffs = [f"{k}: {v!r} there, {getattr(design, k)!r} here" for k, v in vars(stored).items()
+             if k != "code" and v != getattr(design, k)]  # fmt: skip
     if diffs:
         raise StageError(
             f"study {name!r} was created with other settings ({'; '.join(diffs)}): run it with the same "
             "settings, or start another with --study-name NAME (make study STUDY=NAME)"
         )
-    if stored.code != mine.code:
-        states = collect(study.get_trials(deepcopy=False))
-        if any(states.get(s.key, sp.KeyState()).done is None for s in sp.plan(stored)):
-            raise StageError(
-                f"study {name!r} runs other code (its pipeline files hash to {stored.code}, this checkout's to "
-                f"{mine.code}): every worker must be on the same commit; check out the study's, or start another "
-                "with --study-name"
-            )
+    done, failed = collect(study.get_trials(deepcopy=False))
+    if stored.code != design.code and sp.next_phase(stored, done):
+        raise StageError(
+            f"study {name!r} runs other code (its pipeline files hash to {stored.code}, this checkout's to "
+            f"{design.code}): every worker must be on the same commit; check out the study's, or start another "
+            "with --study-name"
+        )
+    for t in failed:  # real failures, and runs whose worker died too often; not those Optuna is retrying
+        if "message" in t.user_attrs or len(Retry.retry_history(t)) >= MAX_RETRY:
+            again = functools.partial(enqueue, study, [sp.Run(**t.params)] if t.params else [], name, t.number)
+            once(storage, f"{name}:retry-{t.number}", again, grace_s)
+    return study
 
 
-def collect(trials: list[optuna.trial.FrozenTrial]) -> dict[str, sp.KeyState]:
-    """Each slot's state from all of the study's trials (the lowest-numbered done run is the slot's)."""
-    states: dict[str, sp.KeyState] = {}
+def collect(trials: list[FrozenTrial]) -> tuple[dict[sp.Run, dict], list[FrozenTrial]]:
+    """Each done run's record (its trial COMPLETE, or PRUNED: diverged), and the last trial of each run
+    that failed (FAIL) and has none done, waiting or running since."""
+    done: dict[sp.Run, dict] = {}
+    last: dict[str, FrozenTrial] = {}
     for t in sorted(trials, key=lambda t: t.number):
-        key = t.user_attrs.get("slot")
-        if key is None:
+        if "experiment" not in t.user_attrs:  # Optuna's new trial for a worker that found nothing waiting
             continue
-        st = states.setdefault(key, sp.KeyState())
-        outcome = t.user_attrs.get("outcome")
-        if t.state == TrialState.COMPLETE or (t.state == TrialState.PRUNED and outcome in ("diverged", "skipped")):
-            if st.done is None:
-                st.done = {**t.user_attrs, "number": t.number}
-        elif t.state == TrialState.WAITING:
-            st.waiting.append(t._trial_id)
-        elif t.state == TrialState.RUNNING:
-            st.running.append(t._trial_id)
-        elif t.state == TrialState.FAIL:
-            when = t.datetime_complete.timestamp() if t.datetime_complete else 0.0
-            st.failed.append((when, t.user_attrs.get("message", "its worker stopped (no heartbeat)"), t.number))
-    return states
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            done.setdefault(sp.Run(**t.params), {**t.params, **t.user_attrs})
+        last[t.user_attrs["experiment"]] = t
+    names = {record["experiment"] for record in done.values()}
+    return done, [t for name, t in last.items() if t.state == TrialState.FAIL and name not in names]
 
 
-# --- one trial: a DVC experiment -----------------------------------------------------------------
+def failure(t: FrozenTrial) -> dict:
+    """What the report says of a failed run's last trial."""
+    stale = f"its worker stopped (no heartbeat), {len(Retry.retry_history(t)) + 1} time(s)"
+    return {"experiment": t.user_attrs["experiment"], "message": t.user_attrs.get("message", stale), "trial": t.number}
+
+
+# --- the worker loop and one trial ---------------------------------------------------------------------
+
+
+def work(storage: optuna.storages.RDBStorage, name: str, design: sp.Design, *, label: str, push: str | None,
+         poll_s: float, grace_s: float) -> int:  # fmt: skip
+    """Run the study's runs until every one is done, or only failed ones are left; how many ran here."""
+    study = optuna.load_study(study_name=name, storage=storage)  # one per worker: `optimize` is not re-entrant
+    params = yaml.safe_load(git("show", "HEAD:params.yaml")) or {}
+    gradients = "log_gradients" in (params.get("train") or {})  # this pipeline can log gradient norms
+    ran: list[str] = []
+    objective = functools.partial(trial_run, design=design, prefix=name, label=label, push=push,
+                                  gradients=gradients, ran=ran)  # fmt: skip
+    enqueued: set[str] = set()
+    while True:
+        optuna.storages.fail_stale_trials(study)  # a dead worker's run: failed, and enqueued again
+        states = {t.state for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))}
+        if TrialState.WAITING in states:
+            study.optimize(objective, n_trials=1, catch=(TrialFailed,))
+        elif TrialState.RUNNING in states:  # the phase's last runs, or a dead worker's until it goes stale
+            time.sleep(poll_s)
+        else:
+            pending = sp.next_phase(design, collect(study.get_trials(deepcopy=False))[0])
+            if pending is None or pending[0] in enqueued:  # all done, or only failed runs are left
+                return len(ran)
+            enqueued.add(pending[0])
+            once(storage, f"{name}:{pending[0]}", functools.partial(enqueue, study, pending[1], name), grace_s)
+
+
+def trial_run(trial: optuna.Trial, *, design: sp.Design, prefix: str, label: str, push: str | None,
+              gradients: bool, ran: list[str]) -> float:  # fmt: skip
+    """The objective: the trial's run as a DVC experiment; its validation accuracy. Raises TrialFailed, and
+    optuna.TrialPruned when training diverged (or no run was waiting)."""
+    name = trial.user_attrs.get("experiment")
+    if name is None:
+        raise optuna.TrialPruned("no run was waiting")
+    lrs = [*design.lrs, *(lr for _, _, lr in design.diagnostics)]
+    run = sp.Run(  # the enqueued values, recorded as the trial's params (a param's choices: the same in every trial)
+        trial.suggest_categorical("kind", sp.KINDS),
+        trial.suggest_categorical("loss", tuple(losses.LOSSES)),
+        trial.suggest_categorical("optimizer", optimizers.OPTIMIZERS),
+        trial.suggest_float("learning_rate", min(lrs), max(lrs), log=True),
+        trial.suggest_int("seed", design.seeds[0], design.seeds[-1]),
+    )
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}:{label}")
+    print(f"[{label}] trial {trial.number}: {name} ...", flush=True)
+    try:
+        record = run_experiment(run, name, design, gradients, push)
+    except Exception as exc:  # the next start of the command retries a trial with a message (optimize re-raises a bug)
+        trial.set_user_attr("message", str(exc) or type(exc).__name__)
+        print(f"[{label}] {name}: failed: {exc}", flush=True)
+        raise
+    for key, value in record.items():
+        trial.set_user_attr(key, value)
+    ran.append(name)
+    if record["outcome"] == "diverged":
+        print(f"[{label}] {name}: diverged ({record['run_s']:.0f} s)", flush=True)
+        raise optuna.TrialPruned(record["message"])
+    print(f"[{label}] {name}: validation {record['val_accuracy']:.4f}, test {record['test_accuracy']:.4f} "
+          f"({record['run_s']:.0f} s)", flush=True)  # fmt: skip
+    return record["val_accuracy"]
 
 
 def find_experiment(name: str) -> str | None:
@@ -230,45 +273,37 @@ def find_experiment(name: str) -> str | None:
     return (mine or refs or [None])[0]
 
 
-def settings(spec: sp.Spec, design: sp.Design, gradients: bool) -> dict[str, str]:
-    out = {
-        "train.loss": spec.loss,
-        "train.optimizer.name": spec.optimizer,
-        "train.optimizer.learning_rate": sp.lr_text(spec.lr),
-        "train.seed": str(spec.seed),
-        "train.epochs": str(design.epochs),
-    }
+def settings(run: sp.Run, design: sp.Design, gradients: bool) -> dict[str, str]:
+    out = {"train.loss": run.loss, "train.optimizer.name": run.optimizer,
+           "train.optimizer.learning_rate": sp.lr_text(run.learning_rate), "train.seed": str(run.seed),
+           "train.epochs": str(design.epochs)}  # fmt: skip
     if design.source:
         out["data.source"] = design.source
-    if spec.log_gradients and gradients:
+    if run.kind == "diag" and gradients:
         out["train.log_gradients"] = "true"
     return out
 
 
 def check_experiment(ref: str, name: str, wanted: dict[str, str]) -> None:
-    """An existing experiment of this name must be this run (same params), or the names collide."""
+    """Raises TrialFailed unless the experiment of this name has these params (else the names collide)."""
     params = yaml.safe_load(git("show", f"{ref}:params.yaml"))
     for key, value in wanted.items():
         got: object = params
         for part in key.split("."):
             got = got.get(part) if isinstance(got, dict) else None
-        if str(got).lower() != value.lower() and not _same_number(got, value):
+        with contextlib.suppress(TypeError, ValueError):
+            if float(got) == float(value):  # type: ignore[arg-type]
+                continue
+        if str(got).lower() != value.lower():
             raise TrialFailed(
                 f"an experiment called {name} exists with {key}={got} (not {value}): remove it "
                 f"(dvc exp remove {name}) or give this study another --study-name"
             )
 
 
-def _same_number(got: object, value: str) -> bool:
-    try:
-        return float(got) == float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return False
-
-
-def run_experiment(spec: sp.Spec, name: str, design: sp.Design, gradients: bool, push: str | None) -> dict:
+def run_experiment(run: sp.Run, name: str, design: sp.Design, gradients: bool, push: str | None) -> dict:
     """Run (or find) the experiment; its numbers as the trial's record. Raises TrialFailed."""
-    wanted = settings(spec, design, gradients)
+    wanted = settings(run, design, gradients)
     began = time.perf_counter()
     ref = find_experiment(name)
     log = LOG_DIR / f"{name}.log"
@@ -281,13 +316,12 @@ def run_experiment(spec: sp.Spec, name: str, design: sp.Design, gradients: bool,
             cmd += ["-S", f"{key}={value}"]
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         dies_with_this_worker = functools.partial(runner.die_with_parent, signal.SIGTERM)  # dvc then stops its stage
-        for _ in range(BUSY_TRIES):  # another worker's dvc in this folder holds git's index or DVC's stash a moment
+        for _ in range(5):  # another worker's dvc in this folder holds git's index or DVC's stash a moment: retry
             with open(log, "w", encoding="utf-8") as out:
                 out.write(f"$ {' '.join(cmd)}\n")
                 out.flush()
-                rc = subprocess.run(
-                    cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=dies_with_this_worker, check=False
-                ).returncode
+                rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                    preexec_fn=dies_with_this_worker, check=False).returncode  # fmt: skip
             text = log.read_text(encoding="utf-8", errors="replace")
             if rc == 0 or not any(busy in text for busy in BUSY):
                 break
@@ -307,12 +341,8 @@ def run_experiment(spec: sp.Spec, name: str, design: sp.Design, gradients: bool,
         proc = subprocess.run(["dvc", "exp", "push", push, name], capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise TrialFailed(f"`dvc exp push {push} {name}` failed: {(proc.stderr or proc.stdout).strip()[-300:]}")
-    return {
-        **record,
-        "outcome": "ok",
-        "run_s": round(run_s, 2),
-        "read_s": round(time.perf_counter() - began - run_s, 2),
-    }
+    read_s = time.perf_counter() - began - run_s
+    return {**record, "outcome": "ok", "run_s": round(run_s, 2), "read_s": round(read_s, 2)}
 
 
 def read_metrics(ref: str) -> dict:
@@ -332,207 +362,22 @@ def read_metrics(ref: str) -> dict:
         fs = repo.dvcfs
         test = json.loads(fs.read_text("metrics/eval.json"))["test"]
         summary = json.loads(fs.read_text("metrics/train/metrics.json"))
-        curve = _tsv(fs.read_text("metrics/train/plots/metrics/eval/accuracy.tsv"))
-        gradients = {}
-        base = "metrics/train/plots/metrics/train"
+        base, gradients = "metrics/train/plots/metrics/train/", {}
         for path in sorted(fs.find(base)):
-            rel = path.split(base + "/", 1)[-1]
+            rel = path.split(base, 1)[-1]
             if rel.startswith(("grad_norm/", "update_ratio/")) and rel.endswith(".tsv"):
                 gradients[rel.removesuffix(".tsv")] = _tsv(fs.read_text(path))
-    return {
-        "experiment_ref": ref,
-        "test_accuracy": test["accuracy"],
-        "test_log_loss": test["log_loss"],
-        "val_accuracy": summary["saved"]["val_accuracy"],
-        "saved_epoch": summary["saved"]["epoch"],
-        "val_curve": curve,
-        **({"gradients": gradients} if gradients else {}),
-    }
+        return {
+            "experiment_ref": ref,
+            "test_accuracy": test["accuracy"],
+            "test_log_loss": test["log_loss"],
+            "val_accuracy": summary["saved"]["val_accuracy"],
+            "saved_epoch": summary["saved"]["epoch"],
+            "val_curve": _tsv(fs.read_text("metrics/train/plots/metrics/eval/accuracy.tsv")),
+            **({"gradients": gradients} if gradients else {}),
+        }
 
 
 def _tsv(text: str) -> list[float]:
     rows = [line.split("\t") for line in text.strip().splitlines()[1:]]
     return [float(row[-1]) for row in rows if row and row[-1]]
-
-
-# --- the worker loop ------------------------------------------------------------------------------
-
-
-class Worker:
-    """Takes slots until the plan is done: pops a WAITING trial, resolves it, runs it, records it."""
-
-    def __init__(
-        self,
-        study: optuna.Study,
-        design: sp.Design,
-        lock: StorageLock,
-        *,
-        prefix: str,
-        label: str,
-        push: str | None,
-        poll_s: float,
-        started: float,
-    ) -> None:
-        self.study, self.design, self.lock, self.prefix, self.label = study, design, lock, prefix, label
-        self.storage = study._storage
-        self.push, self.poll_s, self.started = push, poll_s, started
-        self.gradients = gradients_supported()
-        self.held: list[int] = []  # trial ids taken (RUNNING) but waiting for their dependencies
-        self.beating: set[int] = set()
-        self.blocked_since: dict[int, float] = {}
-        self.ran = 0
-        self._stop = threading.Event()
-
-    # heartbeats of every trial this worker holds
-    def _beat(self) -> None:
-        interval = self.storage.get_heartbeat_interval() or 10
-        while not self._stop.wait(interval):
-            for trial_id in list(self.beating):
-                with contextlib.suppress(Exception):
-                    self.storage.record_heartbeat(trial_id)
-
-    def _hold(self, trial_id: int) -> None:
-        self.storage.record_heartbeat(trial_id)
-        self.beating.add(trial_id)
-
-    def _claim(self, trial_id: int) -> bool:
-        """WAITING -> RUNNING for this worker only."""
-        try:
-            with self.lock():
-                if not self.storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
-                    return False
-                self._hold(trial_id)
-                return True
-        except optuna.exceptions.UpdateFinishedTrialError:
-            return False
-
-    def _pop(self) -> int | None:
-        for t in self.storage.get_all_trials(self.study._study_id, deepcopy=False, states=(TrialState.WAITING,)):
-            if self._claim(t._trial_id):
-                return t._trial_id
-        return None
-
-    def _finish(self, trial_id: int, state: TrialState, value: float | None = None, **attrs: object) -> None:
-        for key, val in attrs.items():
-            self.storage.set_trial_user_attr(trial_id, key, val)
-        self.storage.set_trial_state_values(trial_id, state=state, values=None if value is None else [value])
-        self.beating.discard(trial_id)
-        self.blocked_since.pop(trial_id, None)
-        if trial_id in self.held:
-            self.held.remove(trial_id)
-
-    def run(self) -> None:
-        beat = threading.Thread(target=self._beat, daemon=True, name=f"heartbeat-{self.label}")
-        beat.start()
-        try:
-            self._loop()
-        finally:
-            self._stop.set()
-
-    def _loop(self) -> None:
-        while True:
-            with self.lock():
-                optuna.storages.fail_stale_trials(self.study)
-            trials = self.study.get_trials(deepcopy=False)
-            states = collect(trials)
-            if self.held:
-                if not self._advance(states):
-                    time.sleep(self.poll_s)
-                continue
-            trial_id = self._pop()
-            if trial_id is not None:
-                self._take(trial_id)
-                continue
-            mine = self.beating
-            others = [t for t in trials if t.state == TrialState.RUNNING and t._trial_id not in mine]
-            if others:
-                time.sleep(self.poll_s)
-                continue
-            if not self._refill(states):
-                return
-
-    def _take(self, trial_id: int) -> None:
-        if not self._duplicate(trial_id):
-            self.held.append(trial_id)
-
-    def _duplicate(self, trial_id: int) -> bool:
-        """Drop a claimed trial whose slot another trial holds or has done (read after claiming: of two
-        workers that claim copies of one slot at once, at least one sees the other's claim)."""
-        trials = self.study.get_trials(deepcopy=False)
-        mine = next(t for t in trials if t._trial_id == trial_id)
-        key = mine.user_attrs["slot"]
-        st = collect([t for t in trials if t.user_attrs.get("slot") == key])[key]
-        earlier = [t.number for t in trials if t._trial_id in st.running and t._trial_id < trial_id]
-        if st.done is None and not earlier:
-            return False
-        first = st.done["number"] if st.done else earlier[0]
-        self._finish(trial_id, TrialState.PRUNED, outcome="duplicate", message=f"slot taken by trial {first}")
-        return True
-
-    def _advance(self, states: dict[str, sp.KeyState]) -> bool:
-        """Run or settle a held trial whose dependencies are done; else claim a WAITING dependency.
-        False: nothing to do but wait for others."""
-        waiting_deps: list[int] = []
-        for trial_id in list(self.held):
-            key = self.storage.get_trial(trial_id).user_attrs["slot"]
-            slot = sp.Slot.from_key(key)
-            res = sp.resolve(slot, self.design, states)
-            if res.status == "ready":
-                self._execute(trial_id, slot, res.spec)
-                return True
-            if res.status == "skip":
-                self._finish(trial_id, TrialState.PRUNED, outcome="skipped", message=res.reason)
-                return True
-            if res.status == "blocked":
-                newest = max((f[0] for k in res.deps for f in states.get(k, sp.KeyState()).failed), default=0.0)
-                since = self.blocked_since.setdefault(trial_id, time.time())
-                if time.time() - max(since, newest) > BLOCKED_AFTER_S:
-                    self._finish(trial_id, TrialState.FAIL, outcome="error", message=f"not run: {res.reason}")
-                    return True
-                continue
-            self.blocked_since.pop(trial_id, None)
-            waiting_deps += [i for k in res.deps for i in states.get(k, sp.KeyState()).waiting]
-        for dep in waiting_deps:  # a dependency nobody runs (e.g. a dead worker's, queued again): run it here
-            if self._claim(dep):
-                self._take(dep)
-                return True
-        return False
-
-    def _execute(self, trial_id: int, slot: sp.Slot, spec: sp.Spec) -> None:
-        name = spec.experiment(self.prefix, slot.kind)
-        self.storage.set_trial_user_attr(trial_id, "experiment", name)
-        self.storage.set_trial_user_attr(trial_id, "worker", f"{socket.gethostname()}:{os.getpid()}:{self.label}")
-        resolved = {"loss": spec.loss, "optimizer": spec.optimizer, "learning_rate": spec.lr, "seed": spec.seed}
-        print(f"[{self.label}] trial {self.storage.get_trial(trial_id).number}: {name} ...", flush=True)
-        try:
-            record = run_experiment(spec, name, self.design, self.gradients, self.push)
-        except TrialFailed as exc:
-            self._finish(trial_id, TrialState.FAIL, outcome="error", message=str(exc), **resolved)
-            print(f"[{self.label}] {name}: failed: {exc}", flush=True)
-            return
-        self.ran += 1
-        if record["outcome"] == "diverged":
-            self._finish(trial_id, TrialState.PRUNED, **record, **resolved)
-            print(f"[{self.label}] {name}: diverged ({record['run_s']:.0f} s)", flush=True)
-            return
-        self._finish(trial_id, TrialState.COMPLETE, record["val_accuracy"], **record, **resolved)
-        print(
-            f"[{self.label}] {name}: validation {record['val_accuracy']:.4f}, test {record['test_accuracy']:.4f} "
-            f"({record['run_s']:.0f} s)",
-            flush=True,
-        )
-
-    def _refill(self, states: dict[str, sp.KeyState]) -> bool:
-        """Queue the slots with no trial, or whose trials all failed before this run began. False: all done."""
-        todo = []
-        for slot in sp.plan(self.design):
-            st = states.get(slot.key, sp.KeyState())
-            idle = st.done is None and not st.waiting and not st.running
-            if idle and not any(when >= self.started for when, _, _ in st.failed):
-                todo.append(slot)
-        if not todo:
-            return False
-        with self.lock():
-            for slot in todo:
-                self.study.enqueue_trial({}, user_attrs=slot_attrs(slot))
-        return True
