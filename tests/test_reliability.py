@@ -8,7 +8,9 @@ import hashlib
 import json
 import math
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -24,7 +26,7 @@ from ruamel.yaml import YAML
 
 from pipeline import atomic, datasets, fetch, params
 from pipeline.errors import DataError, ParamError
-from tests.harness import ENV, ROOT, FileServer, run, wait_for
+from tests.harness import ENV, ROOT, FileServer, git_project, run, wait_for
 
 DEFAULTS = YAML(typ="safe", pure=True).load((ROOT / "params.yaml").read_text())
 
@@ -268,9 +270,14 @@ for generation in range(1, 10**6):
 def test_sigkill_mid_write_leaves_the_old_or_the_new_folder_never_a_mix(tmp_path: Path) -> None:
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for attempt in range(8):
+
+    def under_way() -> bool:  # what the test observes, not a guessed number of seconds
+        return (out / "DONE").exists() and any(tmp_path.glob(".out.*-*.tmp"))
+
+    for attempt in range(16):
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(out)], env=env)
-        time.sleep(0.6 + 0.13 * attempt)  # a different moment of the write each time
+        wait_for(under_way, 60, "a folder written, and the next one under way")
+        time.sleep(0.003 * attempt)  # a different moment of the write each time (a folder takes about 20 ms)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         atomic.recover(out)  # what the next write does first
@@ -340,34 +347,54 @@ def test_a_file_size_limit_is_one_line_not_a_silent_kill(project: Path) -> None:
     assert not (project / "data/raw/dataset.npz").exists()
 
 
-# a stage that says it has started (a file `ready`), then holds on
-HOLD = "from pathlib import Path; from pipeline import runner; import time\n"
-HOLD += "runner.run(lambda: (Path('ready').touch(), time.sleep(30)))"
+# A stage that says it has started (a file `ready`), then waits in C, where Python never runs a signal
+# handler: glibc's default mutex, locked twice by one thread, waits forever (ctypes lets go of the GIL).
+HOLD = """
+import ctypes
+from pathlib import Path
+from pipeline import runner
+def main():
+    Path("ready").touch()
+    mutex = ctypes.create_string_buffer(64)
+    ctypes.CDLL(None).pthread_mutex_lock(mutex)
+    ctypes.CDLL(None).pthread_mutex_lock(mutex)
+runner.run(main)
+"""
 
 
-def test_two_runs_of_a_stage_in_one_folder_the_second_says_why(project: Path) -> None:
-    (project / ".dvc").mkdir()
-    first = subprocess.Popen([sys.executable, "-c", HOLD], cwd=project)
-    try:
-        wait_for((project / "ready").exists, 60, "the first run to hold its lock")
-        second = run([sys.executable, "-c", "from pipeline import runner; runner.run(lambda: None)"], project, False)
-        assert second.returncode == 2
-        assert second.stderr.startswith("error: another `-c` is running in this folder;")
-        assert "dvc exp run --queue" in second.stderr
-    finally:
-        first.kill()
-        first.wait()
-
-
-def test_sigterm_is_one_line_and_exit_143(project: Path) -> None:
+def test_sigterm_is_one_line_and_exit_143_even_while_the_stage_waits_in_c(project: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-c", HOLD], cwd=project, stderr=subprocess.PIPE, text=True)
-    wait_for((project / "ready").exists, 60, "the stage to start its work")
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=30)
+    try:
+        wait_for((project / "ready").exists, 60, "the stage to start its work")
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
     assert proc.returncode == 143
     assert stderr.strip() == (
         "terminated (SIGTERM, or dvc was stopped): the previous outputs are kept; run it again to recover"
     )
+
+
+@pytest.mark.slow
+def test_a_second_dvc_repro_in_one_workspace_is_refused_by_dvcs_own_lock(tmp_path: Path) -> None:
+    """No lock of this project's: while `dvc repro` runs a stage, DVC refuses a second `dvc repro` in the
+    same workspace before it touches that stage's outputs, naming the first."""
+    with socket.create_server(("127.0.0.1", 0)) as server:  # takes the download's connection, never answers
+        url = f"http://127.0.0.1:{server.getsockname()[1]}/mnist.npz"
+        repo = git_project(tmp_path, {"data": {"source": "mnist", "url": url, "sha256": "0" * 64}})
+        first = subprocess.Popen(
+            ["dvc", "repro"], cwd=repo, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            wait_for(lambda: select.select([server], [], [], 0)[0], 120, "the first run's download to connect")
+            second = run(["dvc", "repro"], repo, check=False)
+            assert second.returncode != 0, second.stdout + second.stderr
+            assert "is busy, it is being blocked by" in second.stderr and f"(PID {first.pid})" in second.stderr
+            assert (repo / "data/params.ok").is_file()  # the first run's outputs untouched
+        finally:
+            first.kill()  # its stage ends with it
+            first.wait()
 
 
 def test_an_os_error_not_about_a_users_path_is_an_internal_error_with_a_traceback_on_request(project: Path) -> None:
