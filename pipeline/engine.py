@@ -21,6 +21,7 @@ called at the same moments `fit` calls them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -112,6 +113,10 @@ def check_agreement(strategy: tf.distribute.Strategy, settings: dict[str, str]) 
         for key in [*chief, *(k for k in values if k not in chief)]:
             if values.get(key) != chief.get(key):
                 chiefs, theirs = (v.get(key, "(not set)") for v in (chief, values))
+                # a worker that exits as soon as it has the values can close the channel another still reads
+                # them from: one more exchange first, which each enters only once it has them
+                with contextlib.suppress(tf.errors.OpError):
+                    exchange(strategy, None)
                 raise StageError(
                     f"train.distribute: multi_worker: workers disagree on {key}: chief {chiefs}, {name} {theirs}; "
                     "run every worker with the same params.yaml and data"
