@@ -12,8 +12,10 @@ over the global batch (through `optimizer.scale_loss`, as fit's step), one `appl
 tail, and fit's end: `finalize_variable_values` (use_ema), then the callbacks' `on_train_end`.
 
 Under `multi_worker`, `check_agreement` stops every worker before the first variable unless all
-train the same params on the same data, and `finish` carries the chief's word on its outputs to the
-other workers, so that none reports success for a run that failed.
+train the same params on the same data (`fingerprint`), `ClusterDeadline` ends a cluster that never
+takes its first step, `cluster_errors` turns a peer that went away into one line, and `finish`
+carries the chief's word on its outputs to the other workers, so that none reports success for a
+run that failed.
 
 Keras callbacks drive everything around it (progress bar, history, dvclive, early stopping),
 called at the same moments `fit` calls them.
@@ -22,17 +24,19 @@ called at the same moments `fit` calls them.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline import datasets, losses, optimizers
+from pipeline import datasets, losses, optimizers, runner
 from pipeline.errors import ParamError, StageError
 
 EVAL_BATCH = 4096  # forward passes only: the batch size changes nothing but float sum order
@@ -97,6 +101,64 @@ def exchange(strategy: tf.distribute.Strategy, value: Any) -> list[Any]:
     padded[0, : len(text)] = text
     rows = gather(padded)
     return [json.loads(row[:length].astype(np.uint8).tobytes()) for row, length in zip(rows, lengths, strict=True)]
+
+
+# Settings multi_worker hosts may hold differently (each its own cores, its own patience for the cluster);
+# every other key of `model` and `train` must be the same on all of them (`fingerprint`).
+PER_HOST = ("train.speed.threads", "train.cluster_timeout_s")
+
+
+class ClusterDeadline(keras.callbacks.Callback):
+    """Ends a multi_worker run with one line when its first training step has not finished within
+    `seconds` (a worker that never started, a wrong address). TensorFlow waits for the cluster in C
+    holding the GIL, where no thread of its process runs, and takes SIGTERM over (its preemption
+    notifier): the stage forks here, TensorFlow runs in the child, and the stage's own process
+    stays out of it as the watchdog that keeps the deadline and the signals for the whole run."""
+
+    def __init__(self, seconds: float, outputs: tuple[Path, ...]) -> None:
+        super().__init__()
+        line = (
+            f"train.distribute: multi_worker: the cluster did not take its first step within {seconds:g} s "
+            f"(train.cluster_timeout_s); is every worker of TF_CONFIG started and reachable? "
+            f"TF_CONFIG: {os.environ.get('TF_CONFIG', '')}"
+        )
+        self.done: Callable[[], None] | None = runner.fork_watched(seconds, line, outputs)  # returns in the child
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self.done:  # a step across the cluster finished: every worker answered
+            self.done()
+            self.done = None
+
+
+def fingerprint(dumped: dict[str, Any], x: np.ndarray, y: np.ndarray, data: Path) -> dict[str, str]:
+    """What every host of a multi_worker run must share, key -> value as a line shows it: each key of the
+    `model` and `train` sections but PER_HOST, and the training data as it is fed to the loop (its example
+    count and the sha256 of its arrays' dtypes, shapes and bytes)."""
+
+    def flat(value: Any, key: str) -> Iterator[tuple[str, Any]]:
+        if isinstance(value, dict):
+            for name, inner in value.items():
+                yield from flat(inner, f"{key}.{name}")
+        elif key not in PER_HOST:
+            yield key, value if isinstance(value, str) else json.dumps(value)
+
+    digest = hashlib.sha256()
+    for array in (x, y):
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).data)
+    settings = dict(item for section in ("model", "train") for item in flat(dumped[section], section))
+    return {**settings, f"the training data ({data})": f"{len(x)} examples, sha256 {digest.hexdigest()[:16]}"}
+
+
+@contextlib.contextmanager
+def cluster_errors() -> Iterator[None]:
+    """multi_worker: TensorFlow's UnavailableError (a peer stopped mid-run) as one line (StageError)."""
+    try:
+        yield
+    except tf.errors.UnavailableError as exc:
+        said = [line.strip() for line in (exc.message or "").splitlines() if "abort" in line.lower()][:1]
+        raise StageError("train.distribute: multi_worker: another worker stopped or cannot be reached"
+                         + (f" (TensorFlow: {said[0][:200]})" if said else "")) from None  # fmt: skip
 
 
 def check_agreement(strategy: tf.distribute.Strategy, settings: dict[str, str]) -> None:

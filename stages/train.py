@@ -13,19 +13,13 @@ out, as a LiteRT flatbuffer, a Keras file and a SavedModel, with its card (`mode
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import math
-import os
 import sys
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import keras
-import numpy as np
 import tensorflow as tf
 from dvclive import Live
 from dvclive.keras import DVCLiveCallback
@@ -39,32 +33,6 @@ STATS = Path("data/normalized/stats.json")
 LIVE_DIR = Path("metrics/train")
 TIMINGS = Path("metrics/timings.json")  # git-ignored, not a DVC output
 PROBE_ROWS = 64  # the fixed batch train.log_gradients measures gradients on (benchmarks/gradient_stats.py)
-# Settings multi_worker hosts may hold differently (each its own cores, its own patience for the cluster);
-# every other key of `model` and `train` must be the same on all of them (`fingerprint`).
-PER_HOST = ("train.speed.threads", "train.cluster_timeout_s")
-
-
-class ClusterDeadline(keras.callbacks.Callback):
-    """Ends a multi_worker run with one line when its first training step has not finished within
-    `seconds` (a worker that never started, a wrong address). TensorFlow waits for the cluster in C
-    holding the GIL, where no thread of its process runs, and takes SIGTERM over (its preemption
-    notifier): the stage forks here, TensorFlow runs in the child, and the stage's own process
-    stays out of it as the watchdog that keeps the deadline and the signals for the whole run."""
-
-    def __init__(self, seconds: float) -> None:
-        super().__init__()
-        line = (
-            f"train.distribute: multi_worker: the cluster did not take its first step within {seconds:g} s "
-            f"(train.cluster_timeout_s); is every worker of TF_CONFIG started and reachable? "
-            f"TF_CONFIG: {os.environ.get('TF_CONFIG', '')}"
-        )
-        outputs = (LIVE_DIR, serving.MODEL_DIR, TIMINGS)
-        self.done: Callable[[], None] | None = runner.fork_watched(seconds, line, outputs)  # returns in the child
-
-    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        if self.done:  # a step across the cluster finished: every worker answered
-            self.done()
-            self.done = None
 
 
 def configure(t: params.TrainParams) -> tuple[tf.distribute.Strategy, list[keras.callbacks.Callback]]:
@@ -73,7 +41,8 @@ def configure(t: params.TrainParams) -> tuple[tf.distribute.Strategy, list[keras
     (multi_worker only). The trial (what check's signature test cannot judge: Keras' own first step)
     runs before the seed is set, so the model's initial weights never depend on whether it ran."""
     engine.set_threads(t.speed.threads)
-    watch = [ClusterDeadline(t.cluster_timeout_s)] if t.distribute == "multi_worker" else []
+    outputs = (LIVE_DIR, serving.MODEL_DIR, TIMINGS)
+    watch = [engine.ClusterDeadline(t.cluster_timeout_s, outputs)] if t.distribute == "multi_worker" else []
     strategy = engine.strategy_for(t.distribute)  # first: multi_worker must start before other ops
     engine.trial(t)
     keras.utils.set_random_seed(t.seed)
@@ -145,43 +114,11 @@ class StopOnDivergence(keras.callbacks.Callback):
             )
 
 
-def fingerprint(p: params.Params, x: np.ndarray, y: np.ndarray) -> dict[str, str]:
-    """What every host of a multi_worker run must share, key -> value as a line shows it: each key of the
-    `model` and `train` sections but PER_HOST, and the training data as it is fed to the loop (its example
-    count and the sha256 of its arrays' dtypes, shapes and bytes)."""
-
-    def flat(value: Any, key: str) -> Iterator[tuple[str, Any]]:
-        if isinstance(value, dict):
-            for name, inner in value.items():
-                yield from flat(inner, f"{key}.{name}")
-        elif key not in PER_HOST:
-            yield key, value if isinstance(value, str) else json.dumps(value)
-
-    digest = hashlib.sha256()
-    for array in (x, y):
-        digest.update(f"{array.dtype.str}{array.shape}".encode())
-        digest.update(np.ascontiguousarray(array).data)
-    dumped = p.model_dump()
-    settings = dict(item for section in ("model", "train") for item in flat(dumped[section], section))
-    return {**settings, f"the training data ({DATA})": f"{len(x)} examples, sha256 {digest.hexdigest()[:16]}"}
-
-
 def write_timings(seconds: float, epoch_seconds: list[float]) -> None:
     """The training time, to git-ignored TIMINGS: it differs from run to run, so it stays out of the tracked
     outputs (same params, same bytes)."""
     epoch_s = [round(s, 4) for s in epoch_seconds]
     atomic.write_json(TIMINGS, {"train_time_s": round(seconds, 3), "epochs_run": len(epoch_s), "epoch_s": epoch_s})
-
-
-@contextlib.contextmanager
-def cluster_errors() -> Iterator[None]:
-    """multi_worker: TensorFlow's UnavailableError (a peer stopped mid-run) as one line (StageError)."""
-    try:
-        yield
-    except tf.errors.UnavailableError as exc:
-        said = [line.strip() for line in (exc.message or "").splitlines() if "abort" in line.lower()][:1]
-        raise StageError("train.distribute: multi_worker: another worker stopped or cannot be reached"
-                         + (f" (TensorFlow: {said[0][:200]})" if said else "")) from None  # fmt: skip
 
 
 def main() -> None:
@@ -193,8 +130,8 @@ def main() -> None:
     x, y = data["x_train"], losses.encode_labels(data["y_train"], losses.LOSSES[t.loss])
     multi = t.distribute == "multi_worker"
     if multi:  # before the model: its variables are the cluster's first collectives (the chief's values)
-        with cluster_errors():
-            engine.check_agreement(strategy, fingerprint(p, x, y))
+        with engine.cluster_errors():
+            engine.check_agreement(strategy, engine.fingerprint(p.model_dump(), x, y, DATA))
     wiring = losses.head(t.loss, p.model.output_activation, t.from_logits)
     with strategy.scope():
         model, optimizer = build_model(p.model, wiring), build_optimizer(t)
@@ -207,13 +144,13 @@ def main() -> None:
     callbacks = [*watch, StopOnDivergence(t.optimizer), *([stopper] if stopper else [])]
 
     def fit(**kwargs: object) -> dict[str, list[float]]:
-        with cluster_errors():
+        with engine.cluster_errors():
             return loop.fit(x, y, epochs=t.epochs, batch_size=t.batch_size, validation_split=t.validation_split,
                             seed=t.seed, **kwargs)  # fmt: skip
 
     if not engine.is_chief(strategy):  # another worker of a multi_worker run: train, write nothing
         fit(callbacks=callbacks, verbose=0)
-        with cluster_errors():
+        with engine.cluster_errors():
             engine.finish(strategy)  # waits for the chief's outputs; StageError if it failed to write them
         print("worker done: the chief wrote the outputs")
         return
