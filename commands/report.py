@@ -193,7 +193,7 @@ def update_readme(readme: Path, table: str, image: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m commands.report", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("reports"), help="folder for compare.md and compare.png")
     parser.add_argument("--readme", type=Path, help="also fill the compare block of this README")
     parser.add_argument("--replace", action="store_true", help="replace a table that shows more experiments")
