@@ -313,3 +313,15 @@ def test_a_failed_run_is_named_with_where_to_see_why(tmp_path: Path) -> None:
     assert "train.batch_size" in (repo / log).read_text()
     bad = run([PYTHON, "-m", "commands.study", "--losses", "nope"], repo, check=False)
     assert bad.returncode == 2 and "unknown loss nope" in bad.stderr
+
+
+def test_make_study_with_settings_of_its_own_needs_a_name() -> None:
+    """The published reports/study* come from the default study only: own settings without STUDY= are refused
+    in one line before anything runs, and with a name they reach the command as --study-name."""
+    # BIN: were the guard gone, the study would fail to start (its python is not there) instead of running here
+    refused = run(["make", "-o", "setup", "study", "LRS=0.1", "BIN=/no-such-venv/bin"], ROOT, False)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.startswith("error: a study with settings of your own needs a name: make study STUDY=NAME")
+    named = run(["make", "-n", "-o", "setup", "study", "LRS=0.1", "STUDY=mine"], ROOT).stdout
+    assert "--lrs 0.1" in named and "--study-name mine" in named
+    assert "--study-name" not in run(["make", "-n", "-o", "setup", "study"], ROOT).stdout
