@@ -1,6 +1,7 @@
 # make repro : set up .venv from requirements.lock, then run the pipeline (dvc repro)
 # make test  : set up .venv, then run the test suite
 # make test-fast : the unit tests only (no dvc, no stage subprocess, a few training steps at most)
+# make test-pipeline, make test-system : the other two tiers (docs/testing.md)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -9,7 +10,7 @@ PLOTS_PAGE := .dvc/plots/offline.html
 # The stages run as `python -m stages.<name>`: put the venv first on PATH for dvc.
 RUN    := PATH="$(CURDIR)/$(BIN):$$PATH"
 
-.PHONY: setup repro test test-fast lint sweep study compare bench lock clean-venv predict probe
+.PHONY: setup repro test test-fast test-pipeline test-system lint sweep study compare bench lock clean-venv predict probe
 
 setup: $(STAMP) $(PLOTS_PAGE)
 
@@ -27,11 +28,21 @@ repro: setup
 	$(RUN) $(BIN)/dvc repro
 	$(RUN) $(BIN)/python -m commands.cache_check
 
+# Two xdist workers, one per core (the stages train on one thread each); each worker takes the longest
+# test (or module sharing a fixture) left, in conftest's order (--no-loadscope-reorder keeps it).
+TEST_WORKERS ?= 2
+PYTEST := $(RUN) $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 test: setup
-	$(RUN) $(BIN)/python -m pytest -n 3 --dist loadfile
+	$(PYTEST)
 
 test-fast: setup
-	$(RUN) $(BIN)/python -m pytest -m "not slow" -n 2
+	$(PYTEST) -m "not pipeline and not system"
+
+test-pipeline: setup
+	$(PYTEST) -m pipeline
+
+test-system: setup
+	$(PYTEST) -m system
 
 lint: setup
 	$(BIN)/ruff check .

@@ -4,10 +4,10 @@ Two logical CPU devices are set up before TensorFlow starts, so `mirrored` has t
 one process. For each case the same initial weights are trained three ways over the same
 batches the loop draws (its seeded permutation, the last batch partial): Keras's
 `train_on_batch` one batch at a time (the reference: model.fit's step), and `engine.Loop`.
-Prints one JSON line: per case, the largest weight difference from the reference and the
-epoch losses of both.
+Prints one JSON line per case: the largest weight difference from the reference and the epoch
+losses of both. Without arguments, every case tests/test_engine.py holds it to (one TensorFlow start).
 
-    python -m tests.engine_math STRATEGY JIT OPTIMIZER
+    python -m tests.engine_math [STRATEGY JIT OPTIMIZER]
 """
 
 from __future__ import annotations
@@ -40,8 +40,16 @@ def make_optimizer(name: str) -> keras.optimizers.Optimizer:
     return keras.optimizers.get({"class_name": name, "config": {"learning_rate": RATES[name]}})
 
 
+CASES = [("none", "jit", "sgd"), ("none", "nojit", "adam"), ("mirrored", "nojit", "sgd"), ("mirrored", "nojit", "adam")]
+
+
 def main() -> None:
-    strategy_name, jit, optimizer_name = sys.argv[1], sys.argv[2] == "jit", sys.argv[3]
+    for case in [tuple(sys.argv[1:4])] if len(sys.argv) > 1 else CASES:
+        compare(*case)
+
+
+def compare(strategy_name: str, jit_name: str, optimizer_name: str) -> None:
+    jit = jit_name == "jit"
     rng = np.random.default_rng(1)
     x, y = rng.random((N, 28, 28), dtype=np.float32), rng.integers(0, 10, N)
 
@@ -77,8 +85,9 @@ def main() -> None:
     difference = max(
         float(np.abs(a - b).max()) for a, b in zip(model.get_weights(), reference.get_weights(), strict=True)
     )
-    print(json.dumps({"replicas": strategy.num_replicas_in_sync, "max_weight_difference": difference,
-                      "losses": history["loss"], "reference_losses": reference_losses}))  # fmt: skip
+    print(json.dumps({"case": [strategy_name, jit_name, optimizer_name], "replicas": strategy.num_replicas_in_sync,
+                      "max_weight_difference": difference, "losses": history["loss"],
+                      "reference_losses": reference_losses}))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ ENV = {
     "DVC_NO_ANALYTICS": "1",
     "TF_CPP_MIN_LOG_LEVEL": "2",
 }
+STAGES = ("check", "download", "normalize", "train", "evaluate")  # dvc.yaml's, in order
 OUTPUTS = ("data/params.ok", "data/raw", "data/normalized", "models", "metrics")  # every DVC output
 NOT_OUTPUTS = (".gitignore", "timings.json")  # timings differ every run and are not tracked
 
@@ -97,17 +98,17 @@ _OWN: list[Path] = []
 
 
 def shared_template(run_id: str) -> Path:
-    """Where the workers of one xdist run (`PYTEST_XDIST_TESTRUNUID`) keep their one trained template."""
+    """Where the workers of one xdist run (`PYTEST_XDIST_TESTRUNUID`) keep the templates they share."""
     return Path(tempfile.gettempdir()) / f"trained-template-{run_id}"
 
 
-def dvc_project(path: Path) -> subprocess.CompletedProcess[str]:
-    """A git + DVC copy of the project at `path`, `dvc repro` run once at 1 epoch and committed.
+def _template(name: str) -> tuple[Path, str]:
+    """The template `name` (TEMPLATES), built once per test run; its folder and what its build printed.
 
-    Returns that `dvc repro`'s output. The first call of a test run builds the repository in a
-    folder of its own that nothing else touches (the xdist workers of `make test` share it: one
-    builds, the others wait on its lock; conftest removes it at the end); every call copies it
-    (git, DVC cache and all), which gives each caller the same fresh repository in a fraction of a second.
+    The first caller builds it in a folder of its own that nothing else touches (the xdist workers of
+    `make test` share it: one builds, the others wait on its lock; conftest removes it at the end);
+    every caller then copies it, which takes a fraction of a second. A caller that would wait first
+    builds another template the run will copy (WANTED) that no one builds yet.
     """
     run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
     if not run_id and not _OWN:  # without xdist: this process's own, removed when it ends
@@ -115,18 +116,69 @@ def dvc_project(path: Path) -> subprocess.CompletedProcess[str]:
         atexit.register(shutil.rmtree, _OWN[0], ignore_errors=True)
     folder = shared_template(run_id) if run_id else _OWN[0]
     folder.mkdir(exist_ok=True)
-    template, said = folder / "repo", folder / "repro.out"
-    with open(folder / ".lock", "w", encoding="utf-8") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if not said.exists():
-            shutil.rmtree(template, ignore_errors=True)  # a build that a killed run left half done
-            git_project(template, {"train": {"epochs": 1}})
-            proc = run(["dvc", "repro"], template)
-            run(["git", "add", "-A"], template)
-            run(["git", "commit", "-qm", "dvc repro, 1 epoch"], template)
-            said.write_text(proc.stdout, encoding="utf-8")
+    with open(folder / f".{name}.lock", "w", encoding="utf-8") as lock:  # released when the file closes
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another worker builds it: meanwhile, one of the others
+            for other in sorted(WANTED - {name}):
+                with open(folder / f".{other}.lock", "w", encoding="utf-8") as other_lock:
+                    try:
+                        fcntl.flock(other_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue
+                    _build(folder, other)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        _build(folder, name)
+    return folder / name, (folder / f"{name}.out").read_text(encoding="utf-8")
+
+
+def _build(folder: Path, name: str) -> None:
+    """Build template `name` in `folder` unless it is there (its lock held)."""
+    said = folder / f"{name}.out"
+    if not said.exists():
+        shutil.rmtree(folder / name, ignore_errors=True)  # a build that a killed run left half done
+        said.write_text(TEMPLATES[name](folder / name), encoding="utf-8")
+
+
+def _dvc_template(path: Path) -> str:
+    git_project(path, {"train": {"epochs": 1}})
+    proc = run(["dvc", "repro"], path)
+    run(["git", "add", "-A"], path)
+    run(["git", "commit", "-qm", "dvc repro, 1 epoch"], path)
+    return proc.stdout
+
+
+def dvc_project(path: Path) -> subprocess.CompletedProcess[str]:
+    """A git + DVC copy of the project at `path`, `dvc repro` run once at 1 epoch and committed (git, DVC
+    cache and all: the same fresh repository for every caller, built once per test run).
+
+    Returns that `dvc repro`'s output.
+    """
+    template, said = _template("repo")
     shutil.copytree(template, path, symlinks=True, dirs_exist_ok=True)
-    return subprocess.CompletedProcess(["dvc", "repro"], 0, said.read_text(encoding="utf-8"), "")
+    return subprocess.CompletedProcess(["dvc", "repro"], 0, said, "")
+
+
+def _trained_template(path: Path) -> str:
+    copy_code(path)
+    shutil.copy(ROOT / "params.yaml", path / "params.yaml")
+    said = [run([str(BIN / "python"), "-m", f"stages.{stage}"], path).stdout for stage in STAGES[1:]]
+    return "".join(said)
+
+
+def trained_project(path: Path) -> Path:
+    """A copy of the project (code, params.yaml) at `path` after download, normalize, train and evaluate
+    with the committed params (10 epochs), run as plain stages (no git, no DVC); built once per test run."""
+    template, _ = _template("trained")
+    shutil.copytree(template, path, symlinks=True, dirs_exist_ok=True)
+    return path
+
+
+# The templates by name, with what builds them, and the call that copies each (conftest reads which the
+# selected tests call, and puts those in WANTED: a worker waiting for one builds another meanwhile).
+TEMPLATES: dict[str, Callable[[Path], str]] = {"repo": _dvc_template, "trained": _trained_template}
+COPIED_BY = {"repo": "dvc_project(", "trained": "trained_project("}
+WANTED: set[str] = set()
 
 
 def reset_worktree(repo: Path) -> None:
@@ -189,6 +241,17 @@ def free_ports(n: int = 1) -> list[int]:
     for s in sockets:
         s.close()
     return ports
+
+
+def listening(port: int) -> bool:
+    """Whether a socket on this machine listens on TCP `port` (the kernel's tables: nothing connects to it)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        path = Path(table)
+        rows = path.read_text(encoding="ascii").splitlines()[1:] if path.exists() else []
+        for fields in (row.split() for row in rows):
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                return True
+    return False
 
 
 def wait_for(ready: Callable[[], Any], timeout: float, what: str, every: float = 0.05) -> Any:

@@ -5,20 +5,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import keras
 import numpy as np
 import pytest
-import tensorflow as tf
-from dvclive import Live
-from dvclive.keras import DVCLiveCallback
-
-from pipeline import engine
-from pipeline.gradient_stats import GradientStats
 
 PROBE = 128
 
 
-def model_and_loop() -> tuple[keras.Sequential, keras.losses.Loss, engine.Loop]:
+def model_and_loop() -> tuple:
+    import keras
+    import tensorflow as tf
+
+    from pipeline import engine
+
     keras.utils.set_random_seed(7)
     model = keras.Sequential(
         [keras.Input((28, 28)), keras.layers.Flatten(), keras.layers.Dense(32, activation="relu"),
@@ -31,7 +29,7 @@ def model_and_loop() -> tuple[keras.Sequential, keras.losses.Loss, engine.Loop]:
     return model, loss, loop
 
 
-def by_hand(model: keras.Sequential, x: np.ndarray, y: np.ndarray) -> float:
+def by_hand(model: object, x: np.ndarray, y: np.ndarray) -> float:
     """||dL/dW2|| of mean sparse crossentropy over softmax(relu(x W1 + b1) W2 + b2): h^T (p - onehot(y)) / n."""
     w1, b1, w2, b2 = (w.numpy().astype(np.float64) for w in model.weights)
     h = np.maximum(x.reshape(len(x), -1) @ w1 + b1, 0)
@@ -41,12 +39,18 @@ def by_hand(model: keras.Sequential, x: np.ndarray, y: np.ndarray) -> float:
     return float(np.linalg.norm(h.T @ (p - np.eye(10)[y]) / len(x)))
 
 
-def fit(loop: engine.Loop, data: dict, callbacks: list, epochs: int = 2) -> dict:
+def fit(loop: object, data: dict, callbacks: list, epochs: int = 2) -> dict:
     return loop.fit(data["x_train"], data["y_train"], epochs=epochs, batch_size=32, validation_split=0.1, seed=1,
                     callbacks=callbacks, verbose=0)  # fmt: skip
 
 
 def test_norms_and_ratios_are_what_they_say(small: dict, tmp_path: Path) -> None:
+    import keras
+    from dvclive import Live
+    from dvclive.keras import DVCLiveCallback
+
+    from pipeline.gradient_stats import GradientStats
+
     model, loss, loop = model_and_loop()
     x, y = small["x_train"][:PROBE], small["y_train"][:PROBE]
     begin = [w.numpy() for w in model.weights]
@@ -70,6 +74,10 @@ def test_norms_and_ratios_are_what_they_say(small: dict, tmp_path: Path) -> None
 
 
 def test_logging_changes_no_weight(small: dict) -> None:
+    import tensorflow as tf
+
+    from pipeline.gradient_stats import GradientStats
+
     tf.config.experimental.enable_op_determinism()
     model, loss, loop = model_and_loop()
     fit(loop, small, [GradientStats(loss, small["x_train"][:PROBE], small["y_train"][:PROBE])])

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from stages import normalize
 from tests.harness import BIN, run, write_params
@@ -28,6 +29,7 @@ def test_standardize_uses_train_statistics_only(sample: dict[str, np.ndarray]) -
     assert 0.05 < stats["mean"] < 0.3 and 0.2 < stats["std"] < 0.5  # MNIST: mostly black, ~0.13 / ~0.31
 
 
+@pytest.mark.pipeline(seconds=3)
 def test_stage_writes_data_and_reusable_statistics(project: Path) -> None:
     python = str(BIN / "python")
     write_params(project, {"normalize": {"method": "standardize"}})

@@ -133,6 +133,7 @@ def test_good_combinations_are_accepted() -> None:
     assert params.parse({"data": {"source": "fashion_mnist", "sha256": {"t10k-labels-idx1-ubyte.gz": "0" * 64}}})
 
 
+@pytest.mark.pipeline(seconds=1)
 def test_a_stage_with_bad_params_exits_non_zero_with_one_line_and_writes_nothing(project: Path) -> None:
     """download does not read train.*, but the whole file is validated before any stage works."""
     write_params(project, {"train": {"epochs": 0}})
@@ -142,7 +143,7 @@ def test_a_stage_with_bad_params_exits_non_zero_with_one_line_and_writes_nothing
     assert not (project / "data").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.pipeline(seconds=5)
 def test_train_rejects_an_unknown_optimizer_argument_before_reading_data(project: Path) -> None:
     write_params(project, {"train": {"optimizer": {"name": "sgd", "momentun": 0.9}}})
     proc = run([str(BIN / "python"), "-m", "stages.train"], project, check=False)
@@ -154,6 +155,7 @@ def test_train_rejects_an_unknown_optimizer_argument_before_reading_data(project
     assert not (project / "models").exists() and not (project / "metrics").exists()
 
 
+@pytest.mark.pipeline(seconds=1)
 def test_params_yaml_that_is_not_yaml_is_one_clear_error(project: Path) -> None:
     (project / "params.yaml").write_text("train: [unclosed\n")
     proc = run([str(BIN / "python"), "-m", "stages.normalize"], project, check=False)
@@ -210,6 +212,35 @@ def test_params_yaml_is_written_as_dvc_writes_it_so_a_set_changes_one_line(tmp_p
     apply_overrides(tmp_path / "params.yaml", ["train.epochs=3", "train.optimizer.learning_rate=0.01"])
     rewritten = (tmp_path / "params.yaml").read_text().splitlines()
     changed = [(a, b) for a, b in zip(original.splitlines(), rewritten, strict=True) if a != b]
-    assert changed == [("    learning_rate: 0.001", "    learning_rate: 0.01"), ("  epochs: 10", "  epochs: 3")], (
-        changed
-    )
+    values = [(a.partition("#")[0].strip(), b.partition("#")[0].strip()) for a, b in changed]
+    assert values == [("learning_rate: 0.001", "learning_rate: 0.01"), ("epochs: 10", "epochs: 3")], changed
+    assert [a.partition("#")[2] for a, _ in changed] == [b.partition("#")[2] for _, b in changed]  # comments kept
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("+train.epoch=20", "error: params.yaml: train.epoch: unknown key; did you mean 'epochs'?"),
+        ("+model.hidden_unit=[64]", "error: params.yaml: model.hidden_unit: unknown key; did you mean 'hidden_units'?"),
+        ("+train.optimizer.foo=1", "error: params.yaml: train.optimizer.foo: not a parameter of optimizer 'adam'"),
+        ("+train.optimizer.clipnorm=abc", "error: params.yaml: train.optimizer.clipnorm: expected a number, got 'abc'"),
+        ("train.seed=-1", "error: params.yaml: train.seed: must be >= 0, got -1"),
+        ("train.from_logits=yes", "error: params.yaml: train.from_logits: expected true or false, got 'yes'"),
+    ],
+)
+def test_a_bad_change_as_dvc_exp_run_writes_it_is_one_line_from_check(
+    change: str, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`dvc exp run -S CHANGE` writes params.yaml with DVC's own Hydra overrides, then runs check: a typo'd key
+    added with `+`, a list, a string where a number belongs, YAML 1.2's `yes` (a string, not true). What a
+    refused `dvc exp run` then leaves (nothing changed, nothing to restore) is tests/test_run_cache.py's."""
+    from dvc.utils.hydra import apply_overrides
+
+    from stages import check
+
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    apply_overrides(tmp_path / "params.yaml", [change])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ParamError) as refused:
+        check.main()
+    assert f"error: {refused.value}".startswith(message), str(refused.value)

@@ -1,25 +1,25 @@
 """End to end: the real `dvc` CLI on a copy of the project in a temporary git repository.
 
-Small settings (1 epoch) keep it quick; the tutorial comparison trains the real 10 epochs.
+Each test has its own copy of the tests' project (`dvc repro` at 1 epoch, committed: tests/harness.py).
+Same params giving the same bytes is tests/test_same_bytes.py's and tests/test_sharing.py's (a fresh
+clone); the tutorial's 10 epochs are tests/test_training_outcomes.py's.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 from pathlib import Path
 
-import keras
 import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score
 
-from tests.harness import BIN, ENV, dvc_project, reset_worktree, run, write_params
+from tests.harness import BIN, ENV, STAGES, dvc_project, reset_worktree, run, write_params
 
-pytestmark = pytest.mark.slow(minutes=3)  # on one core: schedules the longest first
+pytestmark = pytest.mark.pipeline(seconds=3)
 
 
 @pytest.fixture
@@ -27,7 +27,7 @@ def repo(tmp_path: Path) -> Path:
     """A git + DVC copy of the project with `dvc repro` run once at 1 epoch (each test its own)."""
     path = tmp_path / "repo"
     proc = dvc_project(path)
-    for stage in ("check", "download", "normalize", "train", "evaluate"):
+    for stage in STAGES:
         assert f"Running stage '{stage}'" in proc.stdout
     assert "Test accuracy: " in proc.stdout
     return path
@@ -38,6 +38,8 @@ def load_json(path: Path) -> dict:
 
 
 def test_every_output_exists_and_the_accuracy_comes_from_the_models_predictions(repo: Path) -> None:
+    import keras
+
     raw = np.load(repo / "data/raw/dataset.npz")
     assert raw["x_train"].dtype == np.uint8 and raw["x_train"].shape == (4000, 28, 28)
     norm = np.load(repo / "data/normalized/dataset.npz")
@@ -77,10 +79,13 @@ def test_a_second_repro_reruns_nothing(repo: Path) -> None:
     assert "Data and pipelines are up to date." in proc.stdout
 
 
+@pytest.mark.pipeline(seconds=15)
 def test_an_experiment_reruns_only_train_and_evaluate_and_metrics_diff_shows_it(repo: Path) -> None:
-    proc = run(["dvc", "exp", "run", "-S", "train.epochs=2"], repo)
-    assert "Running stage 'train'" in proc.stdout and "Running stage 'evaluate'" in proc.stdout
-    assert "Running stage 'download'" not in proc.stdout and "Running stage 'normalize'" not in proc.stdout
+    """`-S` values as DVC writes them (YAML 1.2: `2e-3` is the number 0.002) read as meant by every stage."""
+    proc = run(["dvc", "exp", "run", "-S", "train.epochs=2", "-S", "train.optimizer.learning_rate=2e-3"], repo)
+    ran = [stage for stage in STAGES if f"Running stage '{stage}'" in proc.stdout]
+    assert ran == ["check", "train", "evaluate"], proc.stdout
+    assert "learning_rate: 0.002" in (repo / "params.yaml").read_text()
     diff = json.loads(run(["dvc", "metrics", "diff", "--json"], repo).stdout)
     assert set(diff["metrics/eval.json"]) == {"test.accuracy", "test.log_loss"}
     summary = ["dvc", "metrics", "diff", "--json", "--targets", "metrics/train/metrics.json"]
@@ -89,8 +94,9 @@ def test_an_experiment_reruns_only_train_and_evaluate_and_metrics_diff_shows_it(
         "new": 2,
         "diff": 1,
     }
-    params = json.loads(run(["dvc", "params", "diff", "--json"], repo).stdout)
-    assert params["params.yaml"]["train.epochs"] == {"old": 1, "new": 2, "diff": 1}
+    params = json.loads(run(["dvc", "params", "diff", "--json"], repo).stdout)["params.yaml"]
+    assert params["train.epochs"] == {"old": 1, "new": 2, "diff": 1}
+    assert params["train.optimizer.learning_rate"]["new"] == 0.002
     shown = run(["dvc", "exp", "show", "--json"], repo).stdout
     assert '"epochs": 2' in shown
     report = run([str(BIN / "python"), "-m", "commands.report", "--out", "reports"], repo)
@@ -98,28 +104,6 @@ def test_an_experiment_reruns_only_train_and_evaluate_and_metrics_diff_shows_it(
     assert "| experiment | loss | optimizer |" in table and "| 2 |" in table and "| 1 |" in table
     assert (repo / "reports/compare.png").stat().st_size > 10_000
     assert "experiments ->" in report.stdout
-    shutil.rmtree(repo / "reports")
-    reset_worktree(repo)  # back to the committed 1-epoch workspace
-    run(["dvc", "checkout", "--force"], repo)
-
-
-def output_bytes(repo: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(repo)): p.read_bytes()
-        for d in ("models", "metrics")
-        for p in sorted((repo / d).rglob("*"))
-        if p.is_file() and p.name != "timings.json"
-    }
-
-
-def test_same_params_give_the_same_bytes(repo: Path) -> None:
-    python = str(BIN / "python")
-    first = output_bytes(repo)
-    assert len(first) >= 15 and "models/model.keras" in first and "models/saved_model/saved_model.pb" in first
-    run([python, "-m", "stages.train"], repo)
-    run([python, "-m", "stages.evaluate"], repo)
-    assert output_bytes(repo) == first
-    assert "train_time_s" in load_json(repo / "metrics/timings.json")
 
 
 def test_a_normalized_confusion_png_changes_only_the_picture(repo: Path) -> None:
@@ -129,10 +113,12 @@ def test_a_normalized_confusion_png_changes_only_the_picture(repo: Path) -> None
     run([str(BIN / "python"), "-m", "stages.evaluate"], repo)
     assert (repo / "metrics/eval.json").read_text() == metrics
     assert (repo / "metrics/eval/confusion_matrix.png").read_bytes() != png
-    reset_worktree(repo)
 
 
-def test_an_interrupted_training_leaves_the_previous_outputs_and_the_next_run_recovers(repo: Path) -> None:
+@pytest.mark.pipeline(seconds=8)
+def test_an_interrupted_training_leaves_the_previous_outputs_and_no_temporaries(repo: Path) -> None:
+    """Ctrl-C of the train stage itself (no dvc around it, which would delete the outputs first); a recovery
+    after dvc is stopped is tests/test_safe_experiments.py's."""
     model, metrics = repo / "models/model.keras", repo / "metrics/train/metrics.json"
     before = model.read_bytes(), metrics.read_bytes()
     write_params(repo, {"train": {"epochs": 200}})
@@ -155,37 +141,6 @@ def test_an_interrupted_training_leaves_the_previous_outputs_and_the_next_run_re
     assert (model.read_bytes(), metrics.read_bytes()) == before
     leftovers = [p.name for d in ("models", "metrics") for p in (repo / d).iterdir() if ".tmp" in p.name]
     assert leftovers == []
-    run(["git", "checkout", "-q", "--", "params.yaml"], repo)
-    run(["dvc", "repro"], repo)  # reruns whatever the interrupted run or earlier tests left stale
-    assert "Data and pipelines are up to date." in run(["dvc", "repro"], repo).stdout
-
-
-def test_the_tutorials_configuration_matches_sparse_categorical_crossentropy(repo: Path) -> None:
-    """Flatten -> Dense(128, relu) -> Dense(10, sigmoid), binary_crossentropy, Adam, 10 epochs."""
-    accuracy = {}
-    for loss, activation in (("binary_crossentropy", "sigmoid"), ("sparse_categorical_crossentropy", "auto")):
-        run(
-            [
-                "dvc",
-                "exp",
-                "run",
-                "-S",
-                f"train.loss={loss}",
-                "-S",
-                f"model.output_activation={activation}",
-                "-S",
-                "train.epochs=10",
-                "-S",
-                "train.optimizer.name=adam",
-            ],
-            repo,
-        )
-        accuracy[loss] = load_json(repo / "metrics/eval.json")["test"]["accuracy"]
-        if loss == "binary_crossentropy":
-            assert load_json(repo / "metrics/eval/metrics.json")["binary_accuracy"] > accuracy[loss]
-    assert accuracy["binary_crossentropy"] > 0.85
-    assert abs(accuracy["binary_crossentropy"] - accuracy["sparse_categorical_crossentropy"]) <= 0.02, accuracy
-    reset_worktree(repo)
 
 
 def test_bad_params_stop_dvc_repro_with_the_message_and_change_nothing(repo: Path) -> None:
@@ -203,15 +158,3 @@ def test_bad_params_stop_dvc_repro_with_the_message_and_change_nothing(repo: Pat
     run(["dvc", "checkout", "--force"], repo)
     assert os.path.exists(repo / "models/model.keras")
     assert "Data and pipelines are up to date." in run(["dvc", "status"], repo).stdout
-
-
-def test_early_stopping_ends_training_when_the_loss_stops_decreasing(repo: Path) -> None:
-    """The tutorial's advice as a param: patience 0 and an unreachable min_delta stop after epoch 2."""
-    stopping = {"enabled": True, "monitor": "val_loss", "patience": 0, "min_delta": 10.0}
-    write_params(repo, {"train": {"epochs": 10, "early_stopping": stopping}})
-    run([str(BIN / "python"), "-m", "stages.train"], repo)
-    metrics = load_json(repo / "metrics/train/metrics.json")
-    assert metrics["epochs_run"] == 2
-    assert len((repo / "metrics/train/plots/metrics/eval/loss.tsv").read_text().splitlines()) == 3
-    reset_worktree(repo)
-    run(["dvc", "checkout", "--force"], repo)

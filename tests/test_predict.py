@@ -1,6 +1,7 @@
 """Using the trained model: digits a person would hand over, a model that stands on its own, bad input.
 
-One real training (the default params, 10 epochs on the bundled sample) serves the module.
+The tests' trained project (the committed params, 10 epochs on the bundled sample; tests/harness.py,
+built once per test run) serves the module, in one copy.
 """
 
 from __future__ import annotations
@@ -14,13 +15,12 @@ import sys
 import textwrap
 from pathlib import Path
 
-import keras
 import numpy as np
 import pytest
 from PIL import Image
 
 from commands import images
-from pipeline import export, losses, optimizers, params, serving
+from pipeline import losses, optimizers, params, serving
 from pipeline.errors import StageError
 from tests.digits import (
     TWISTS,
@@ -34,7 +34,7 @@ from tests.digits import (
     render,
     sixteen_bit,
 )
-from tests.harness import ENV, ROOT, copy_code, run, write_params
+from tests.harness import ENV, ROOT, run, trained_project, write_params
 
 PYTHON = sys.executable
 
@@ -42,12 +42,7 @@ PYTHON = sys.executable
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A project copy after download, normalize, train and evaluate with the default params."""
-    path = tmp_path_factory.mktemp("trained")
-    copy_code(path)
-    shutil.copy(ROOT / "params.yaml", path / "params.yaml")
-    for stage in ("download", "normalize", "train", "evaluate"):
-        run([PYTHON, "-m", f"stages.{stage}"], path)
-    return path
+    return trained_project(tmp_path_factory.mktemp("trained") / "p")
 
 
 def raw_test_split(project: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -60,7 +55,7 @@ def predict_json(project: Path, files: list[Path], *extra: str) -> dict:
     return json.loads(proc.stdout)
 
 
-@pytest.mark.slow
+@pytest.mark.pipeline(seconds=3)
 def test_digits_drawn_as_a_person_would_are_read_correctly(trained: Path, tmp_path: Path) -> None:
     """200 test digits as black ink on paper, a few hundred pixels, off-centre, a third as JPEG."""
     x, y = raw_test_split(trained)
@@ -75,7 +70,7 @@ def test_digits_drawn_as_a_person_would_are_read_correctly(trained: Path, tmp_pa
         assert sum(p["outputs"]) == pytest.approx(1, abs=1e-4) and len(p["top"]) == 3
 
 
-@pytest.mark.slow
+@pytest.mark.pipeline(seconds=3)
 def test_untouched_28x28_originals_give_exactly_the_pipelines_outputs(trained: Path, tmp_path: Path) -> None:
     x, _ = raw_test_split(trained)
     files = []
@@ -90,7 +85,7 @@ def test_untouched_28x28_originals_give_exactly_the_pipelines_outputs(trained: P
     assert [p["digit"] for p in result["predictions"]] == expected.argmax(axis=1).tolist()
 
 
-@pytest.mark.slow
+@pytest.mark.pipeline(seconds=3)
 def test_the_saved_model_needs_nothing_but_keras(trained: Path, tmp_path: Path) -> None:
     """A user's script: no project on the path, raw uint8 images in, probabilities out."""
     x, _ = raw_test_split(trained)
@@ -111,7 +106,7 @@ def test_the_saved_model_needs_nothing_but_keras(trained: Path, tmp_path: Path) 
     np.testing.assert_allclose(standalone, model.predict(x[:100]), atol=1e-6)
 
 
-@pytest.mark.slow
+@pytest.mark.pipeline(seconds=3)
 def test_the_savedmodel_serves_the_same_probabilities(trained: Path) -> None:
     import tensorflow as tf
 
@@ -122,7 +117,7 @@ def test_the_savedmodel_serves_the_same_probabilities(trained: Path) -> None:
     assert "serving_default" in served.signatures
 
 
-@pytest.mark.slow
+@pytest.mark.pipeline(seconds=3)
 def test_a_params_edit_after_training_does_not_change_what_evaluate_reads(trained: Path) -> None:
     before = (trained / "metrics/eval.json").read_text()
     card = json.loads((trained / "models/model.json").read_text())
@@ -135,7 +130,7 @@ def test_a_params_edit_after_training_does_not_change_what_evaluate_reads(traine
     assert (trained / "metrics/eval.json").read_text() == before
 
 
-@pytest.mark.slow
+@pytest.mark.pipeline(seconds=3)
 def test_show_draws_the_input_what_the_model_saw_and_its_outputs(trained: Path, tmp_path: Path) -> None:
     x, _ = raw_test_split(trained)
     files = [render(x[i], tmp_path / f"d{i}.png", np.random.default_rng(i)) for i in range(3)]
@@ -146,7 +141,7 @@ def test_show_draws_the_input_what_the_model_saw_and_its_outputs(trained: Path, 
         assert np.asarray(picture.convert("L")).std() > 20  # something was drawn
 
 
-@pytest.mark.slow
+@pytest.mark.pipeline(seconds=3)
 def test_bad_inputs_are_one_line_each_and_exit_2(trained: Path, tmp_path: Path) -> None:
     good = render(raw_test_split(trained)[0][0], tmp_path / "good.png", np.random.default_rng(0))
     (tmp_path / "empty.png").write_bytes(b"")
@@ -182,6 +177,7 @@ def test_bad_inputs_are_one_line_each_and_exit_2(trained: Path, tmp_path: Path) 
     )
 
 
+@pytest.mark.pipeline(seconds=3)
 def test_names_that_are_not_utf8_or_were_split_at_a_space_still_get_their_predictions(
     trained: Path, tmp_path: Path
 ) -> None:
@@ -207,6 +203,7 @@ def test_names_that_are_not_utf8_or_were_split_at_a_space_still_get_their_predic
     assert as_json["file"] == f"{tmp_path}/caf\\xe9 \\xa91998\\n.png"
 
 
+@pytest.mark.pipeline(seconds=3)
 def test_a_reader_that_goes_away_ends_predict_quietly(trained: Path) -> None:
     files = [str(ROOT / "data/examples/digit-1.png")] * 400  # more than a pipe holds
     command = f"{PYTHON} -m commands.predict --json {' '.join(files)} | head -1; exit ${{PIPESTATUS[0]}}"
@@ -216,7 +213,7 @@ def test_a_reader_that_goes_away_ends_predict_quietly(trained: Path) -> None:
 
 # --- images as people's devices make them: each read as the plain page ---
 
-TWISTED_DIGITS = 100
+TWISTED_DIGITS = 40  # each twist read as its plain page: 40 of 40 (and 100 of 100) with the trained project
 
 
 def plain(drawn: Image.Image, path: Path, rng: np.random.Generator) -> Path:
@@ -226,7 +223,7 @@ def plain(drawn: Image.Image, path: Path, rng: np.random.Generator) -> Path:
 
 @pytest.fixture(scope="module")
 def twisted(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[np.ndarray, list[str]]]:
-    """100 test digits each drawn once, saved plain (PNG) and with every twist of tests/digits.py,
+    """40 test digits each drawn once, saved plain (PNG) and with every twist of tests/digits.py,
     all read by one `predict --json`: per kind, the digits read (-1: refused) and its error lines."""
     x, _ = raw_test_split(trained)
     folder = tmp_path_factory.mktemp("twisted")
@@ -249,13 +246,13 @@ def twisted(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     return {name: (np.array([read.get(str(f), -1) for f in fs]), errors[name]) for name, fs in files.items()}
 
 
-@pytest.mark.slow
+@pytest.mark.pipeline(seconds=12)  # with the fixture: 40 pages drawn 21 ways, read by one predict
 def test_every_plain_page_is_read(twisted: dict[str, tuple[np.ndarray, list[str]]]) -> None:
     digits, errors = twisted["plain"]
-    assert len(digits) >= 100 and (digits >= 0).all() and not errors
+    assert len(digits) == TWISTED_DIGITS and (digits >= 0).all() and not errors
 
 
-@pytest.mark.slow
+@pytest.mark.pipeline(seconds=0.1)
 @pytest.mark.parametrize("kind", list(TWISTS))
 def test_a_page_saved_as_a_device_saves_it_reads_as_the_plain_page(
     twisted: dict[str, tuple[np.ndarray, list[str]]], kind: str
@@ -480,16 +477,20 @@ def _png_bytes() -> bytes:
 
 def test_a_model_trained_on_logits_ships_probabilities(tmp_path: Path, small: dict) -> None:
     """from_logits: the output layer stays linear in training; the saved model adds the softmax."""
-    p = params.parse({"train": {"loss": "categorical_crossentropy", "from_logits": True}})
+    import keras
+
+    from pipeline import export
     from stages import train
 
+    p = params.parse({"train": {"loss": "categorical_crossentropy", "from_logits": True}})
     wiring = losses.head("categorical_crossentropy", from_logits=True)
     assert (wiring.activation, wiring.output) == ("linear", "softmax")
     core = train.build_model(p.model, wiring)
     optimizer = optimizers.build(p.train.optimizer, p.train.lr_schedule)
-    core.compile(optimizer=optimizer, loss=losses.build(p.train.loss, p.train.loss_args, from_logits=True))
+    loss = losses.build(p.train.loss, p.train.loss_args, from_logits=True)
+    core.compile(optimizer=optimizer, loss=loss, run_eagerly=True)  # eager: 8 steps need no tracing
     spec = losses.LOSSES["categorical_crossentropy"]
-    core.fit(small["x_train"], losses.encode_labels(small["y_train"], spec), epochs=1, verbose=0)
+    core.fit(small["x_train"][:256], losses.encode_labels(small["y_train"][:256], spec), epochs=1, verbose=0)
     stats = {"method": "scale", "mean": 0.0, "std": 1.0}
     shipped = export.standalone(core, stats, p.train, wiring, optimizer)
     export.save(shipped, tmp_path / "models", serving.card("categorical_crossentropy", wiring, stats))
@@ -509,8 +510,14 @@ def test_a_model_trained_on_logits_ships_probabilities(tmp_path: Path, small: di
 # --- a model and a card that do not belong together, a model that holds code ---------------------
 
 
-def tiny_shipped(folder: Path, *layers: keras.layers.Layer) -> Path:
-    """An untrained uint8-in model saved as train saves one, with a card for categorical crossentropy."""
+def tiny_shipped(folder: Path, activation: str) -> Path:
+    """An untrained uint8-in model (one Dense layer, `activation`) saved as train saves one, with a card for
+    categorical crossentropy."""
+    import keras
+
+    from pipeline import export
+
+    layers = [keras.layers.Dense(10, activation=activation)]
     model = keras.Sequential([keras.Input((28, 28), dtype="uint8"), keras.layers.Flatten(), *layers])
     model.compile(loss="categorical_crossentropy")
     stats = {"method": "scale", "mean": 0.0, "std": 1.0}
@@ -520,8 +527,8 @@ def tiny_shipped(folder: Path, *layers: keras.layers.Layer) -> Path:
 
 
 def test_a_card_from_another_model_is_one_line(tmp_path: Path) -> None:
-    one = tiny_shipped(tmp_path / "one", keras.layers.Dense(10, activation="softmax"))
-    two = tiny_shipped(tmp_path / "two", keras.layers.Dense(10, activation="sigmoid"))
+    one = tiny_shipped(tmp_path / "one", "softmax")
+    two = tiny_shipped(tmp_path / "two", "sigmoid")
     (one / "model.json").write_bytes((two / "model.json").read_bytes())  # another run's card beside it
     with pytest.raises(StageError, match=r"model.json describes another model than .*model.tflite"):
         serving.load(one)
@@ -529,7 +536,7 @@ def test_a_card_from_another_model_is_one_line(tmp_path: Path) -> None:
 
 def test_a_damaged_litert_model_whose_card_matches_is_one_line(tmp_path: Path) -> None:
     """Not a flatbuffer at all (the card's sha256 made to match): LiteRT's refusal becomes one line."""
-    folder = tiny_shipped(tmp_path / "models", keras.layers.Dense(10, activation="softmax"))
+    folder = tiny_shipped(tmp_path / "models", "softmax")
     (folder / "model.tflite").write_bytes(b"not a flatbuffer")
     card = json.loads((folder / "model.json").read_text())
     card["sha256"]["model.tflite"] = hashlib.sha256(b"not a flatbuffer").hexdigest()
@@ -547,7 +554,7 @@ def imported(stderr: str) -> set[str]:
     return {line.rsplit("|", 1)[1].strip().split(".")[0] for line in lines}
 
 
-@pytest.mark.slow
+@pytest.mark.pipeline(seconds=3)
 @pytest.mark.parametrize(
     "command", [["stages.evaluate"], ["commands.predict", "one.png"], ["commands.predict", "--help"]]
 )
@@ -562,7 +569,7 @@ def test_evaluate_and_predict_never_import_tensorflow_or_keras(trained: Path, co
         assert "ai_edge_litert" in modules
 
 
-@pytest.mark.slow
+@pytest.mark.pipeline(seconds=1)
 def test_check_refuses_a_bad_keras_argument_in_one_line_without_importing_keras(project: Path) -> None:
     write_params(project, {"train": {"optimizer": {"name": "sgd", "momentun": 0.9}}})
     proc = run([PYTHON, "-X", "importtime", "-m", "stages.check"], project, check=False)

@@ -18,14 +18,16 @@ from PIL import Image
 
 from tests.harness import BIN, ENV, digests, dvc_project, free_ports, reset_worktree, run
 
-pytestmark = pytest.mark.slow(minutes=3)  # on one core: schedules the longest first
+pytestmark = pytest.mark.pipeline(seconds=5)
 PYTHON = str(BIN / "python")
 OUTPUTS = ("data", "models", "metrics")
 
 
-def clone(origin: Path, path: Path) -> Path:
+def clone(origin: Path, path: Path, *, plots: bool = False) -> Path:
+    """A clone of `origin`; with `plots`, set up as `make setup` does for `dvc plots` (the offline page)."""
     run(["git", "clone", "-q", str(origin), str(path)], origin.parent)
-    run([PYTHON, "-m", "commands.offline_plots"], path)  # what `make setup` does
+    if plots:
+        run([PYTHON, "-m", "commands.offline_plots"], path)
     return path
 
 
@@ -49,6 +51,7 @@ def committed(origin: Path) -> dict[str, str]:
     return digests(origin.parent / "first")
 
 
+@pytest.mark.pipeline(seconds=30)  # with the origin: the project copy pushed
 def test_a_fresh_clone_reproduces_every_output_byte_for_byte(origin: Path, committed: dict[str, str]) -> None:
     fresh = clone(origin, origin.parent / "fresh")
     shutil.rmtree(fresh / "metrics")  # git-tracked: without this evaluate sees its outputs and skips
@@ -99,6 +102,7 @@ def use_s3_remote(repo: Path, endpoint: str) -> None:
     run(["dvc", "remote", "modify", "--local", "team", "secret_access_key", "secret"], repo)
 
 
+@pytest.mark.system(seconds=16)
 def test_an_s3_remote_carries_data_model_and_metrics_between_clones(
     origin: Path, committed: dict[str, str], s3: tuple
 ) -> None:
@@ -120,7 +124,7 @@ def test_an_s3_remote_carries_data_model_and_metrics_between_clones(
 @pytest.fixture(scope="module")
 def experiments(origin: Path) -> tuple[Path, dict[str, dict[str, str]]]:
     """A clone that ran two experiments and pushed one; the outputs of each, by name."""
-    lab = clone(origin, origin.parent / "lab")
+    lab = clone(origin, origin.parent / "lab", plots=True)
     run(["dvc", "pull"], lab)
     outputs = {"baseline": digests(lab)}
     for name, change in (("exp-a", "train.epochs=2"), ("exp-b", "train.optimizer.name=sgd")):
@@ -132,6 +136,7 @@ def experiments(origin: Path) -> tuple[Path, dict[str, dict[str, str]]]:
     return lab, outputs
 
 
+@pytest.mark.pipeline(seconds=30)  # with the experiments: two trained in a clone
 def test_an_experiment_pushed_by_one_clone_is_pulled_and_applied_in_another_without_training(
     origin: Path, experiments: tuple[Path, dict]
 ) -> None:
@@ -219,6 +224,7 @@ def chromium(page: Path, tmp_path: Path, *args: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.system(seconds=8)
 def test_plots_diff_draws_every_plot_offline_in_a_real_browser(experiments: tuple[Path, dict], tmp_path: Path) -> None:
     lab, _ = experiments
     run(["dvc", "plots", "diff", "exp-a", "exp-b", "-o", str(tmp_path / "plots")], lab)

@@ -319,7 +319,9 @@ def test_make_study_with_settings_of_its_own_needs_a_name() -> None:
     """The published reports/study* come from the default study only: own settings without STUDY= are refused
     in one line before anything runs, and with a name they reach the command as --study-name."""
     # BIN: were the guard gone, the study would fail to start (its python is not there) instead of running here
-    refused = run(["make", "-o", "setup", "study", "LRS=0.1", "BIN=/no-such-venv/bin"], ROOT, False)
+    refused = run(
+        ["make", "--no-print-directory", "-o", "setup", "study", "LRS=0.1", "BIN=/no-such-venv/bin"], ROOT, False
+    )
     assert refused.returncode == 2 and refused.stdout == ""
     assert refused.stderr.startswith("error: a study with settings of your own needs a name: make study STUDY=NAME")
     named = run(["make", "-n", "-o", "setup", "study", "LRS=0.1", "STUDY=mine"], ROOT).stdout

@@ -1,5 +1,6 @@
 """`python -m commands.sweep` on DVC's real queue: it reports exactly what it ran, where that grid's
-report belongs, and it never waits forever for DVC (a folder DVC cannot encode, workers that die)."""
+report belongs, names what failed, takes params that ran before from the run-cache, and it never
+waits forever for DVC (a folder DVC cannot encode, workers that die)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.harness import ENV, ROOT, dvc_project, run, wait_for
+from tests.harness import ENV, ROOT, digests, dvc_project, run, wait_for
 
-pytestmark = pytest.mark.slow(minutes=2)
 PYTHON = sys.executable
 
 
@@ -24,21 +24,47 @@ def rows(table: Path) -> list[str]:
     return sorted(line.split(" | ")[0].removeprefix("| ") for line in lines[2:] if line.startswith("| "))
 
 
-def test_a_small_grid_reports_exactly_what_it_ran_in_its_own_folder(tmp_path: Path) -> None:
+@pytest.mark.pipeline(seconds=25)
+def test_a_grid_reports_what_it_ran_in_its_own_folder_names_what_failed_and_reuses_what_ran_before(
+    tmp_path: Path,
+) -> None:
+    """An experiment run earlier (`--temp`: evaluate's picture normalized; only evaluate reruns), then the
+    grid: that normalization at the committed learning rate (train unchanged, evaluate from DVC's
+    run-cache, through the queue: the earlier run's outputs, byte for byte) and at one that diverges.
+    The sweep exits 2 naming the failed one, with the command that shows why, after the report of the
+    one that finished, in the grid's own folder; the earlier experiment is not in it. `dvc exp run
+    --run-all` alone would exit 0 here."""
     repo = tmp_path / "repo"
     dvc_project(repo)
-    run(["dvc", "exp", "run", "--temp", "--name", "earlier", "-S", "train.seed=7"], repo)  # not the sweep's
-    grid = ["-S", "train.loss=poisson,kl_divergence", "-S", "train.optimizer.name=adam"]
-    proc = run([PYTHON, "-m", "commands.sweep", *grid, "--jobs", "2"], repo)
-    queued = sorted(line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Queued experiment"))
-    folder = repo / "reports/sweeps/loss=poisson+kl_divergence_optimizer.name=adam"
-    assert len(queued) == 2 and rows(folder / "compare.md") == queued, proc.stdout
-    assert (folder / "compare.png").read_bytes()[:4] == b"\x89PNG"
-    assert "error" not in proc.stderr and f"all 2 experiments finished -> {folder.relative_to(repo)}" in proc.stdout
-    assert not (repo / "reports/compare.md").exists()  # the published grid's report is not this one's
+    normalized = ["-S", "evaluate.confusion_normalize=all"]
+    earlier = run(["dvc", "exp", "run", "--temp", "--name", "earlier", *normalized], repo).stdout
+    assert [s for s in ("train", "evaluate") if f"Running stage '{s}'" in earlier] == ["evaluate"], earlier
+    grid = ["-S", "train.optimizer.learning_rate=0.001,1e30", *normalized]
+    proc = run([PYTHON, "-m", "commands.sweep", *grid, "--jobs", "2"], repo, check=False)
+    queued = [line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Queued experiment")]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and line.startswith("error: 1 of 2 experiments did not finish: "), proc.stderr
+    failed = line.split("finish: ")[1].split(" (")[0]
+    (finished,) = set(queued) - {failed}
+    assert "(Failed)" in line and f"dvc queue logs {failed}" in line
+    assert "training diverged at epoch 1" in run(["dvc", "queue", "logs", failed], repo).stdout
     assert "  2 of 2 ended after " in proc.stdout  # a line as each one ends
+    folder = repo / "reports/sweeps/optimizer.learning_rate=0.001+1e30_evaluate.confusion_normalize=all"
+    assert rows(folder / "compare.md") == [finished], proc.stdout
+    assert (folder / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (repo / "reports/compare.md").exists()  # the published grid's report is not this one's
+    log = run(["dvc", "queue", "logs", finished], repo).stdout
+    assert "Stage 'evaluate' is cached - skipping run, checking out outputs" in log, log
+    assert not [s for s in ("train", "evaluate") if f"Running stage '{s}'" in log], log
+    outputs = {}
+    for name in ("earlier", finished):
+        run(["dvc", "exp", "apply", name], repo)
+        outputs[name] = digests(repo)
+    assert outputs[finished] == outputs["earlier"]
+    assert "Data and pipelines are up to date." in run(["dvc", "status"], repo).stdout
 
 
+@pytest.mark.pipeline(seconds=1)
 def test_make_sweep_publishes_only_the_default_grid() -> None:
     default = run(["make", "-n", "sweep"], ROOT).stdout
     own = run(["make", "-n", "sweep", "LOSSES=poisson", "OPTIMIZERS=adam"], ROOT).stdout
@@ -46,6 +72,7 @@ def test_make_sweep_publishes_only_the_default_grid() -> None:
     assert "commands.sweep" in own and "--out" not in own and "--readme" not in own
 
 
+@pytest.mark.pipeline(seconds=5)
 def test_a_folder_dvc_cannot_encode_ends_the_sweep_and_the_study_at_once(tmp_path: Path) -> None:
     """DVC 3.67 fails every --temp or queued run in setup when its cache path is not ASCII, and its
     `--run-all` then waits forever: both commands say so before queueing anything."""
@@ -60,7 +87,10 @@ def test_a_folder_dvc_cannot_encode_ends_the_sweep_and_the_study_at_once(tmp_pat
     assert "Queued" not in run(["dvc", "queue", "status"], repo).stdout
 
 
+@pytest.mark.system(seconds=40)
 def test_workers_that_die_or_a_ctrl_c_end_the_sweep_with_one_line_and_a_clean_queue(tmp_path: Path) -> None:
+    """Each stop comes once an experiment trains (its train stage runs, under the queue): by then the sweep
+    has seen DVC's workers at work."""
     repo = tmp_path / "repo"
     dvc_project(repo)
 
@@ -71,12 +101,21 @@ def test_workers_that_die_or_a_ctrl_c_end_the_sweep_with_one_line_and_a_clean_qu
                 found.append(proc)
         return found
 
+    def training() -> list[psutil.Process]:
+        """The train stages of the sweep's experiments (each in its own copy of the repository, under .dvc)."""
+        found = []
+        for proc in psutil.process_iter(["cmdline", "cwd"]):
+            cmdline, cwd = " ".join(proc.info["cmdline"] or []), proc.info["cwd"] or ""
+            if cmdline.endswith("-m stages.train") and cwd.startswith(f"{repo}/.dvc/"):
+                found.append(proc)
+        return found
+
     def sweep(seeds: str, stop: Callable[[subprocess.Popen[str]], None]) -> tuple[int, str]:
         grid = ["-S", "train.epochs=30", "-S", f"train.seed={seeds}"]  # long enough to be stopped mid-run
         command = [PYTHON, "-m", "commands.sweep", *grid, "--jobs", "2"]
         proc = subprocess.Popen(command, cwd=repo, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            wait_for(workers, 120, "DVC's queue workers")
+            wait_for(training, 120, "an experiment of the sweep to train")
             stop(proc)
             _, err = proc.communicate(timeout=300)
         finally:

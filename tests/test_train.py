@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import keras
-
 from pipeline import losses, params
-from stages import train
 
 
 def test_model_follows_the_params() -> None:
+    import keras
+
+    from stages import train
+
     p = params.parse({"model": {"hidden_units": [64, 32], "activation": "tanh", "dropout": 0.2}})
     model = train.build_model(p.model, losses.head(p.train.loss))
     dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
@@ -19,12 +20,18 @@ def test_model_follows_the_params() -> None:
 
 
 def test_the_tutorials_model_is_the_default() -> None:
+    from stages import train
+
     model = train.build_model(params.Params().model, losses.head("sparse_categorical_crossentropy"))
     assert [type(layer).__name__ for layer in model.layers] == ["Flatten", "Dense", "Dense"]
     assert model.count_params() == 28 * 28 * 128 + 128 + 128 * 10 + 10
 
 
 def test_the_saved_epoch_is_the_one_early_stopping_restored_else_the_last() -> None:
+    import keras
+
+    from stages import train
+
     history = {"loss": [0.9, 0.5, 0.6], "val_loss": [0.8, 0.7, 0.75]}
     assert train.saved_epoch(history, None) == 2
     stopper = keras.callbacks.EarlyStopping(restore_best_weights=True)
