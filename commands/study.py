@@ -68,6 +68,15 @@ def diagnostics(text: str) -> tuple[tuple[str, str, float], ...]:
     return tuple(out)
 
 
+def setting(text: str) -> tuple[str, str]:
+    key, equals, value = text.partition("=")
+    if not equals or not key.strip():
+        raise argparse.ArgumentTypeError(f"takes KEY=VALUE, as dvc exp run -S, got {text!r}")
+    if key in sp.STUDY_KEYS:
+        raise argparse.ArgumentTypeError(f"{key} is the study's to set (its own options set it), not -S")
+    return key.strip(), value
+
+
 def positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
@@ -86,6 +95,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--source", default=None, choices=datasets.SOURCES, help="data.source (default: params.yaml's), e.g. mnist"
     )
+    p.add_argument("-S", "--set-param", type=setting, action="append", default=[], metavar="KEY=VALUE",
+                   help="a params.yaml value for every run, as dvc exp run -S (data.url=file:///m.npz)")  # fmt: skip
     p.add_argument("--grid", action="store_true", help="every loss x every optimizer, not two stages")
     p.add_argument("--baseline", default=",".join(sp.BASELINE), help="LOSS,OPTIMIZER (default %(default)s)")
     p.add_argument("--diagnostics", type=diagnostics, default=sp.DEFAULT_DIAGNOSTICS, help=f"or none ({default_diag})")
@@ -116,6 +127,7 @@ def design_from(args: argparse.Namespace, code: str) -> sp.Design:
         seeds=tuple(range(args.first_seed, args.first_seed + args.seeds)),
         epochs=args.epochs,
         source=args.source,
+        settings=tuple(args.set_param),
         grid=args.grid,
         baseline=baseline,
         diagnostics=args.diagnostics,

@@ -34,6 +34,9 @@ FIRST_SEED = 42  # the project's default train.seed: the first seed's runs can c
 DEFAULT_DIAGNOSTICS = (("binary_crossentropy", "sgd", 0.001), ("binary_crossentropy", "adam", 0.001),
                        ("mean_squared_error", "sgd", 0.001), ("mean_squared_error", "adam", 0.001))  # fmt: skip
 KINDS = ("tune", "seed", "diag")
+# the keys each run's own settings hold (`study_worker.settings`): not another `-S`'s to change
+STUDY_KEYS = ("train.loss", "train.optimizer.name", "train.optimizer.learning_rate", "train.seed", "train.epochs",
+              "data.source", "train.log_gradients")  # fmt: skip
 # short names for experiment names (git ref names: letters, digits, '-', '.')
 LOSS_ABBR = {"sparse_categorical_crossentropy": "scce", "categorical_crossentropy": "cce", "binary_crossentropy": "bce",
              "categorical_focal_crossentropy": "cfce", "binary_focal_crossentropy": "bfce", "kl_divergence": "kld",
@@ -58,6 +61,7 @@ class Design:
     seeds: tuple[int, ...] = tuple(range(FIRST_SEED, FIRST_SEED + DEFAULT_SEEDS))
     epochs: int = 10
     source: str | None = None  # None: params.yaml's data.source
+    settings: tuple[tuple[str, str], ...] = ()  # other params.yaml values for every run (`-S KEY=VALUE`)
     grid: bool = False
     baseline: tuple[str, str] = BASELINE
     diagnostics: tuple[tuple[str, str, float], ...] = DEFAULT_DIAGNOSTICS

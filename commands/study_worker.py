@@ -279,6 +279,7 @@ def settings(run: sp.Run, design: sp.Design, gradients: bool) -> dict[str, str]:
            "train.epochs": str(design.epochs)}  # fmt: skip
     if design.source:
         out["data.source"] = design.source
+    out.update(design.settings)
     if run.kind == "diag" and gradients:
         out["train.log_gradients"] = "true"
     return out

@@ -68,6 +68,26 @@ def test_every_learning_rate_diverged_skips_the_seeds_and_stage_2() -> None:
     assert sp.next_phase(design, done) is None and sp.planned(design, done) == (list(done), 0)
 
 
+def test_a_setting_of_the_users_goes_to_every_run_and_the_studys_own_keys_are_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`-S KEY=VALUE` (e.g. a local MNIST mirror's data.url) reaches every run's `dvc exp run -S`; a key the study
+    sets itself would be overridden or override it, so it is refused in one line."""
+    from commands import study
+
+    url = "data.url=file:///m/mnist.npz"
+    monkeypatch.setattr(sys, "argv", ["study", "--source", "mnist", "-S", url, "-S", "data.sha256=" + "0" * 64])
+    design = study.design_from(study.parse_args(), "code")
+    run = sp.Run("tune", SCCE, "adam", 0.001, 42)
+    wanted = sw.settings(run, design, gradients=False)
+    assert wanted["data.url"] == "file:///m/mnist.npz" and wanted["data.sha256"] == "0" * 64
+    assert wanted["data.source"] == "mnist" and wanted["train.loss"] == SCCE
+    assert sp.Design.from_dict(json.loads(json.dumps(design.as_dict()))) == design  # as stored with the study
+    for bad in ("train.seed=1", "nokey"):
+        proc = subprocess.run([PYTHON, "-m", "commands.study", "-S", bad], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 2 and "-S/--set-param" in proc.stderr.splitlines()[-1], proc.stderr
+
+
 def fake_runs(monkeypatch: pytest.MonkeyPatch, fail_once: str = "") -> list[str]:
     """run_experiment faked: a record in 20 ms (`fail_once`: that experiment fails its first time)."""
     runs: list[str] = []
