@@ -65,21 +65,24 @@ sweep: setup
 # The study (docs/study.md): each (loss, optimizer) at its own tuned learning rate (validation accuracy),
 # SEEDS seeds at the best one, test accuracy with 95% CIs, as DVC experiments run by Optuna's workers.
 # make study [LOSSES=a,b] [OPTIMIZERS=adam,sgd] LRS=... SEEDS=5 EPOCHS=10 WORKERS=2 [SOURCE=mnist]
-#            [STORAGE=postgresql://user:pw@host/db] [PUSH=origin] [STUDY=name] [GRID=1]
+#            [STORAGE=postgresql://user:pw@host/db] [PUSH=origin] [STUDY=name] [GRID=1] [DIAGNOSTICS=none]
 # LOSSES and OPTIMIZERS go to the study only when given (the sweep's defaults above are not the study's).
+# DIAGNOSTICS (none, or loss:optimizer:lr,...): the gradient-logging runs; by default the tutorial's cases whose
+# loss and optimizer the study runs (all four in the default study).
 LRS     ?= 0.0001,0.001,0.01,0.1,1
 SEEDS   ?= 5
 EPOCHS  ?= 10
 WORKERS ?= $(JOBS)
 # Settings of your own need a study name of your own: the published reports/study* come from the default study only.
-STUDY_OWN = $(filter command line environment,$(foreach v,LOSSES OPTIMIZERS LRS SEEDS EPOCHS SOURCE GRID,$(origin $(v))))
+STUDY_OWN = $(filter command line environment,$(foreach v,LOSSES OPTIMIZERS LRS SEEDS EPOCHS SOURCE GRID DIAGNOSTICS,$(origin $(v))))
 study: setup
 	@$(if $(and $(STUDY_OWN),$(if $(STUDY),,own)),echo "error: a study with settings of your own needs a name: make study STUDY=NAME ... (its report goes to reports/studies/NAME/; the published reports/study* come from the default study only)" >&2; exit 2)
 	$(RUN) $(BIN)/python -m commands.study --lrs $(LRS) --seeds $(SEEDS) --epochs $(EPOCHS) --workers $(WORKERS) \
 		$(if $(filter command line environment,$(origin LOSSES)),--losses $(LOSSES)) \
 		$(if $(filter command line environment,$(origin OPTIMIZERS)),--optimizers $(OPTIMIZERS)) \
 		$(if $(SOURCE),--source $(SOURCE)) $(if $(STORAGE),--storage $(STORAGE)) \
-		$(if $(PUSH),--push $(PUSH)) $(if $(STUDY),--study-name $(STUDY)) $(if $(GRID),--grid)
+		$(if $(PUSH),--push $(PUSH)) $(if $(STUDY),--study-name $(STUDY)) $(if $(GRID),--grid) \
+		$(if $(DIAGNOSTICS),--diagnostics $(DIAGNOSTICS))
 
 # Refuses to shrink docs/sweep.md's table (a fresh clone has no experiments) unless REPLACE=1.
 compare: setup

@@ -1,18 +1,16 @@
 """The study: a fair, repeatable answer to "which loss, which optimizer": `python -m commands.study`.
 
-For each (loss, optimizer) configuration, the learning rate is tuned on a log grid by the
-validation accuracy, the best rate is rerun with K seeds, and the report gives the test accuracy's
-mean with a 95% interval and the paired difference to the baseline (reports/study.md, study.json,
-plots). Default design: every optimizer with the baseline loss, then every loss with the best of
-them (`--grid`: every loss x every optimizer). Every run is a DVC experiment of the pipeline,
-named for what it is (`study-scce-adam-lr0.001-s42`): `dvc exp show`, `dvc exp apply`, `dvc exp
-push` work on it. Optuna's storage holds the plan and the results: a SQLite file in .dvc/tmp by
-default, or PostgreSQL for workers on several machines (same commit, same DVC remote, `--push`).
-Runs already in the storage are not rerun; a dead worker's run is retried. Not a DVC stage: it drives DVC.
+Each (loss, optimizer) configuration's learning rate is tuned on a log grid by the validation accuracy, the best
+rate rerun with K seeds; the report (reports/study.md, study.json, plots) gives the test accuracy's mean with a 95%
+interval beside the test set's own sampling error, the paired difference to the baseline, and the study held against
+published results. Default design: every optimizer with the baseline loss, then every loss with the best of them
+(`--grid`: every loss x every optimizer). Every run is a DVC experiment named for what it is
+(`study-scce-adam-lr0.001-s42`); Optuna's storage (SQLite in .dvc/tmp, or PostgreSQL for several machines) holds the
+plan, printed first, and the results: what is there is not rerun. Not a DVC stage: it drives DVC.
 
     python -m commands.study --workers 2
-    python -m commands.study --losses binary_crossentropy --optimizers adam,sgd --lrs 0.001,0.1 --seeds 2 --epochs 1
-    python -m commands.study --storage postgresql://user:pw@host/db --push origin    # on each machine
+    python -m commands.study --losses binary_crossentropy --optimizers adam,sgd --lrs 0.001,0.1 --seeds 3 --epochs 1
+    python -m commands.study --storage postgresql://user:pw@host/db --push origin    # on each machine (same commit)
     python -m commands.study --storage postgresql://user:pw@host/db --report-only    # any clone
 """
 
@@ -28,14 +26,12 @@ from commands import study_protocol as sp
 from pipeline import datasets, errors, losses, optimizers, runner
 
 
-def names(allowed: tuple[str, ...] | dict, what: str):
+def names(known: tuple[str, ...] | dict, what: str):
     def parse(text: str) -> tuple[str, ...]:
         items = tuple(x.strip() for x in text.split(",") if x.strip())
-        bad = [x for x in items if x not in allowed]
+        bad = [x for x in items if x not in known]
         if bad or not items:
-            raise argparse.ArgumentTypeError(
-                f"unknown {what} {', '.join(bad) or '(none)'} (known: {', '.join(allowed)})"
-            )
+            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(bad) or '(none)'} (known: {', '.join(known)})")
         return items
 
     return parse
@@ -52,20 +48,14 @@ def rates(text: str) -> tuple[float, ...]:
 
 
 def diagnostics(text: str) -> tuple[tuple[str, str, float], ...]:
-    if text == "none":
-        return ()
-    out = []
-    for item in text.split(","):
-        try:
-            loss, opt, lr = item.split(":")
-            out.append((loss, opt, float(lr)))
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"--diagnostics takes loss:optimizer:lr,... or none, got {item!r}"
-            ) from None
-        if loss not in losses.LOSSES or opt not in optimizers.OPTIMIZERS:
-            raise argparse.ArgumentTypeError(f"--diagnostics: unknown loss or optimizer in {item!r}")
-    return tuple(out)
+    items = [] if text == "none" else [item.split(":") for item in text.split(",")]
+    try:
+        out = tuple((loss, opt, float(lr)) for loss, opt, lr in items)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--diagnostics takes loss:optimizer:lr,... or none, got {text!r}") from None
+    if any(loss not in losses.LOSSES or opt not in optimizers.OPTIMIZERS for loss, opt, _ in out):
+        raise argparse.ArgumentTypeError(f"--diagnostics: unknown loss or optimizer in {text!r}")
+    return out
 
 
 def setting(text: str) -> tuple[str, str]:
@@ -92,14 +82,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seeds", type=positive, default=sp.DEFAULT_SEEDS, help="seeds per configuration (default 5)")
     p.add_argument("--first-seed", type=int, default=sp.FIRST_SEED, help="seeds are FIRST, FIRST+1, ... (42)")
     p.add_argument("--epochs", type=positive, default=10)
-    p.add_argument(
-        "--source", default=None, choices=datasets.SOURCES, help="data.source (default: params.yaml's), e.g. mnist"
-    )
+    p.add_argument("--source", choices=datasets.SOURCES, help="data.source (default: params.yaml's), e.g. mnist")
     p.add_argument("-S", "--set-param", type=setting, action="append", default=[], metavar="KEY=VALUE",
                    help="a params.yaml value for every run, as dvc exp run -S (data.url=file:///m.npz)")  # fmt: skip
     p.add_argument("--grid", action="store_true", help="every loss x every optimizer, not two stages")
     p.add_argument("--baseline", default=",".join(sp.BASELINE), help="LOSS,OPTIMIZER (default %(default)s)")
-    p.add_argument("--diagnostics", type=diagnostics, default=sp.DEFAULT_DIAGNOSTICS, help=f"or none ({default_diag})")
+    p.add_argument("--diagnostics", type=diagnostics, help=f"loss:optimizer:lr,... or none (default: those of "
+                   f"{default_diag} whose loss and optimizer the study runs)")  # fmt: skip
     p.add_argument("--workers", type=positive, default=1, help="workers in this process (one core each)")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: a SQLite file in .dvc/tmp)")
     p.add_argument("--study-name", default="study", help="also the experiments' name prefix (default study)")
@@ -117,22 +106,13 @@ def design_from(args: argparse.Namespace, code: str) -> sp.Design:
     if len(baseline) != 2 or baseline[0] not in losses.LOSSES or baseline[1] not in optimizers.OPTIMIZERS:
         raise errors.StageError(f"--baseline takes LOSS,OPTIMIZER (known losses, optimizers), got {args.baseline!r}")
     if not all(c.isalnum() or c in "-_" for c in args.study_name):
-        raise errors.StageError(
-            f"--study-name: letters, digits, - and _ only (it names experiments), got {args.study_name!r}"
-        )
-    return sp.Design(
-        optimizers=args.optimizers,
-        losses=args.losses,
-        lrs=args.lrs,
-        seeds=tuple(range(args.first_seed, args.first_seed + args.seeds)),
-        epochs=args.epochs,
-        source=args.source,
-        settings=tuple(args.set_param),
-        grid=args.grid,
-        baseline=baseline,
-        diagnostics=args.diagnostics,
-        code=code,
-    )
+        raise errors.StageError(f"--study-name: letters, digits, - and _ only (names experiments): {args.study_name!r}")
+    # by default the tutorial's cases that the study's losses and optimizers hold, stored as that list
+    own = tuple(d for d in sp.DEFAULT_DIAGNOSTICS if d[0] in args.losses and d[1] in args.optimizers)
+    seeds = tuple(range(args.first_seed, args.first_seed + args.seeds))
+    return sp.Design(optimizers=args.optimizers, losses=args.losses, lrs=args.lrs, seeds=seeds, epochs=args.epochs,
+                     source=args.source, settings=tuple(args.set_param), grid=args.grid, baseline=baseline,
+                     diagnostics=own if args.diagnostics is None else args.diagnostics, code=code)  # fmt: skip
 
 
 def main() -> None:
@@ -142,7 +122,7 @@ def main() -> None:
     args.reports = args.reports or (Path("reports") if args.study_name == "study" else named)
     import optuna
 
-    from commands import study_report
+    from commands import cache_integrity, study_report
     from commands import study_worker as sw
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed run is one line of ours, with its log
@@ -158,28 +138,27 @@ def main() -> None:
         design = design_from(args, sw.code_id())  # first: before another worker's `dvc exp run -S` edits params.yaml
         from dvc.repo import Repo
 
-        from commands import cache_integrity
-
         with Repo(".") as repo:  # each run is a `dvc exp run --temp`
             cache_integrity.check_runs_outside_workspace(repo)
         study = sw.join_study(storage, args.study_name, design, args.grace)
+        print(study_report.plan(design, sw.collect(study.get_trials(deepcopy=False))[0], args.workers), flush=True)
         started = time.time()
-        options = {"push": args.push, "poll_s": args.poll, "grace_s": args.grace}
+        options = {"push": args.push, "poll_s": args.poll, "grace_s": args.grace, "workers": args.workers}
         with ThreadPoolExecutor(args.workers) as pool:  # threads: each run is a dvc subprocess
             ran = pool.map(lambda i: sw.work(storage, args.study_name, design, label=f"w{i + 1}", **options),
                            range(args.workers))  # fmt: skip
             print(f"ran {sum(ran)} experiments in {time.time() - started:.0f} s", flush=True)
     done, failed = sw.collect(study.get_trials(deepcopy=False))
+    sw.fill_n_test(done)
     failed = [sw.failure(t) for t in failed]
-    runs = study_report.summarize(design, done, failed, args.study_name)["runs"]
-    if runs["done"]:  # a study where nothing finished leaves the reports that are there
+    known, later = sp.planned(design, done)
+    planned = len(known) + later
+    if done:  # a study where nothing finished leaves the reports that are there
         study_report.write(design, done, failed, args.study_name, args.reports)
-        print(f"study {args.study_name!r}: {runs['done']} of {runs['planned']} runs done -> {args.reports}/study.md")
+        print(f"study {args.study_name!r}: {len(done)} of {planned} runs done -> {args.reports}/study.md")
     if failed:
-        raise errors.StageError(
-            f"{len(failed)} of {runs['planned']} runs failed (run the study again to retry them); "
-            f"first: {failed[0]['experiment']}: {failed[0]['message']}"
-        )
+        raise errors.StageError(f"{len(failed)} of {planned} runs failed (run the study again to retry them); "
+                                f"first: {failed[0]['experiment']}: {failed[0]['message']}")  # fmt: skip
 
 
 if __name__ == "__main__":

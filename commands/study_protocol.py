@@ -1,26 +1,18 @@
 """The study's protocol, as data: its runs, phase by phase, and what the finished runs choose.
 
-A configuration is a (loss, optimizer) pair. Its learning rate is tuned on a log grid at the first
-seed by the *validation* accuracy of the saved epoch (ties: the smaller rate); the best rate is
-rerun at the other seeds (the tuning run at it is the first seed's run). Two designs:
-
-- two-stage (default): every optimizer with the baseline loss (stage 1), then every loss with the
-  optimizer whose mean validation accuracy over the seeds, at its best rate, is highest (stage 2);
-- grid: every loss x every optimizer.
-
-The baseline pair (default: the project's default loss and Adam) is always in. The runs come in
-phases, each known once every run of the phases before it is done: `tune` (stage 1's tuning runs
-and the diagnostics), `seeds` (each configuration's best rate at the other seeds), then `tune-2` and
-`seeds-2` (stage 2, with stage 1's best optimizer; none in a grid). Nothing here touches Optuna or
-DVC: `commands.study_worker` queues and runs the phases.
+A configuration is a (loss, optimizer) pair. Its learning rate is tuned on a log grid at the first seed by the
+*validation* accuracy of the saved epoch (ties: the smaller rate); the best rate is rerun at the other seeds (the
+tuning run at it is the first seed's). Two-stage design (default): every optimizer with the baseline loss (stage 1),
+then every loss with the optimizer of the highest mean validation accuracy at its best rate (stage 2); or a grid of
+every loss x every optimizer; the baseline pair is always in. Phases, each known once the runs before it are done:
+`tune` (stage 1's tuning runs, the diagnostics), `seeds`, then `tune-2`, `seeds-2` (none in a grid). Nothing here
+touches Optuna or DVC: `commands.study_worker` queues and runs the phases.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import statistics as pystats
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -51,7 +43,7 @@ def lr_text(lr: float) -> str:
     return plain if len(plain) <= 8 else np.format_float_scientific(float(lr), trim="0", exp_digits=2)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Design:
     """Everything that decides which runs the study makes; stored with the study and checked on rejoin."""
 
@@ -79,24 +71,19 @@ class Design:
 
     def stage1(self) -> list[tuple[str, str]]:
         """Configurations known before any run: the optimizers with the baseline loss (or the grid)."""
-        if self.grid:
-            return _unique([self.baseline, *((loss, opt) for loss in self.losses for opt in self.optimizers)])
-        return _unique([self.baseline, *((self.baseline[0], opt) for opt in self.optimizers)])
+        losses = self.losses if self.grid else self.baseline[:1]
+        return list(dict.fromkeys([self.baseline, *((loss, opt) for loss in losses for opt in self.optimizers)]))
 
     def stage2(self, optimizer: str | None) -> list[tuple[str, str]]:
         """Every other loss with stage 1's best optimizer (none in a grid, or when no optimizer trained)."""
-        losses = _unique([loss for loss in self.losses if loss != self.baseline[0]])
+        losses = dict.fromkeys(loss for loss in self.losses if loss != self.baseline[0])
         return [] if self.grid or optimizer is None else [(loss, optimizer) for loss in losses]
 
     def phases(self) -> tuple[str, ...]:
         return ("tune", "seeds") if self.grid else ("tune", "seeds", "tune-2", "seeds-2")
 
 
-def _unique(items: list) -> list:
-    return list(dict.fromkeys(items))
-
-
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Run:
     """One run of the study; the field names are its Optuna trial's params."""
 
@@ -178,8 +165,3 @@ def best_optimizer(design: Design, done: dict[Run, dict]) -> str | None:
         if values:
             scores.append((pystats.fmean(values), -index, config[1]))
     return max(scores)[2] if scores else None
-
-
-def code_id(listing: str) -> str:
-    """A short hash of `git ls-tree HEAD -- <pipeline files>`: the code every worker must share."""
-    return hashlib.sha256(listing.encode()).hexdigest()[:12]

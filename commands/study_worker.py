@@ -1,28 +1,18 @@
-"""The study's workers, on Optuna's own queue: each run (`commands.study_protocol`) is an enqueued trial,
-taken and run by `study.optimize` as a DVC experiment of the pipeline (`dvc exp run --temp --name <readable
-name> -S ...`), whose metrics are read back from the experiment.
-
-Why each run is done once, even with workers on several machines started together:
-- a phase's runs are enqueued, once every run before them is done, by the one process whose
-  `optuna.create_study` of the phase's marker study (`<study>:<phase>`) succeeds; the others wait until it
-  marks it done. One silent for the grace period is taken for dead: the winner of the next marker
-  (`<study>:<phase>'`) enqueues what it left. The study itself holds the design, set by its creator;
-- `study.optimize` takes a run by switching its trial WAITING -> RUNNING, which one worker only can do
-  (PostgreSQL locks the row; on SQLite every transaction begins IMMEDIATE, `open_storage`, or two could
-  read it WAITING at once). A worker that loses the race for the last waiting run gets a new trial from
-  Optuna, which the objective prunes at once (it names no experiment);
-- Optuna's heartbeat marks each running trial; one whose worker died (killed, machine lost) goes stale
-  after the grace period, `fail_stale_trials` fails it and the storage's `RetryHeartbeatStaleTrialCallback`
-  enqueues it again. The dead worker's `dvc exp run` dies with it (PR_SET_PDEATHSIG), its stage with that dvc;
-- a run that failed is retried by the next start of the command, in one process (marker `<study>:retry-<trial>`);
-- an experiment that exists under the run's name (its worker died after DVC finished) is read, not rerun;
-  a configuration that ran before comes from DVC's run-cache.
+"""The study's workers, on Optuna's own queue: each run (`commands.study_protocol`) is an enqueued trial, taken and
+run by `study.optimize` as a DVC experiment (`dvc exp run --temp --name <readable name> -S ...`), its metrics read
+back from the experiment. Each run is done once, even by workers on several machines (docs/study.md, "How workers
+take runs"): a phase is enqueued by the one process whose `create_study` of its marker (`<study>:<phase>`) succeeds
+(the next marker's winner takes over from one silent for the grace period); `study.optimize` switches a trial
+WAITING -> RUNNING, which one worker only can do (PostgreSQL locks the row; SQLite: BEGIN IMMEDIATE). A dead
+worker's trial goes stale (heartbeat), is failed and enqueued again (`RetryHeartbeatStaleTrialCallback`), its `dvc
+exp run` dead with it (PR_SET_PDEATHSIG); a failed run is retried by the next start (marker `<study>:retry-<trial>`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import random
@@ -41,7 +31,7 @@ import sqlalchemy
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from commands import cache_integrity
+from commands import cache_integrity, study_report
 from commands import study_protocol as sp
 from pipeline import losses, optimizers, runner
 from pipeline.errors import StageError
@@ -78,12 +68,11 @@ def code_id() -> str:
         time.sleep(0.5)
         dirty = git("status", "--porcelain", "--untracked-files=no", "--", *PIPELINE).strip()
     if dirty:
-        raise StageError(
-            f"uncommitted changes to the pipeline ({', '.join(line[3:] for line in dirty.splitlines())}): every "
-            "trial runs HEAD's code, on every machine; commit or stash them first"
-        )
-    listing = git("ls-tree", "-r", "HEAD", "--", *PIPELINE).splitlines()
-    return sp.code_id("\n".join(line for line in listing if "study" not in line.rsplit("/", 1)[-1]))  # the driver aside
+        raise StageError(f"uncommitted changes to the pipeline ({', '.join(line[3:] for line in dirty.splitlines())}): "
+                         "every trial runs HEAD's code, on every machine; commit or stash them first")  # fmt: skip
+    listing = [line for line in git("ls-tree", "-r", "HEAD", "--", *PIPELINE).splitlines()
+               if "study" not in line.rsplit("/", 1)[-1]]  # the driver aside  # fmt: skip
+    return hashlib.sha256("\n".join(listing).encode()).hexdigest()[:12]
 
 
 def _dvc_running_here() -> bool:
@@ -145,13 +134,15 @@ def once(storage: optuna.storages.BaseStorage, marker: str, action: Callable[[],
         return
 
 
-def enqueue(study: optuna.Study, runs: list[sp.Run], prefix: str, after: int = -1) -> None:
+def enqueue(study: optuna.Study, runs: list[sp.Run], prefix: str, after: int = -1, say: str = "") -> None:
     """Enqueue each run with no trial numbered after `after` (not `skip_if_exists`: a retry has the failed
-    trial's params)."""
+    trial's params); then print `say`, if any."""
     have = {t.user_attrs.get("experiment") for t in study.get_trials(deepcopy=False) if t.number > after}
     for run in runs:
         if run.experiment(prefix) not in have:
             study.enqueue_trial(vars(run), user_attrs={"experiment": run.experiment(prefix)})
+    if say:
+        print(say, flush=True)
 
 
 def join_study(storage: optuna.storages.RDBStorage, name: str, design: sp.Design, grace_s: float) -> optuna.Study:
@@ -164,17 +155,13 @@ def join_study(storage: optuna.storages.RDBStorage, name: str, design: sp.Design
     diffs = [f"{k}: {v!r} there, {getattr(design, k)!r} here" for k, v in vars(stored).items()
              if k != "code" and v != getattr(design, k)]  # fmt: skip
     if diffs:
-        raise StageError(
-            f"study {name!r} was created with other settings ({'; '.join(diffs)}): run it with the same "
-            "settings, or start another with --study-name NAME (make study STUDY=NAME)"
-        )
+        raise StageError(f"study {name!r} was created with other settings ({'; '.join(diffs)}): run it with the same "
+                         "settings, or start another with --study-name NAME (make study STUDY=NAME)")  # fmt: skip
     done, failed = collect(study.get_trials(deepcopy=False))
     if stored.code != design.code and sp.next_phase(stored, done):
-        raise StageError(
-            f"study {name!r} runs other code (its pipeline files hash to {stored.code}, this checkout's to "
-            f"{design.code}): every worker must be on the same commit; check out the study's, or start another "
-            "with --study-name"
-        )
+        raise StageError(f"study {name!r} runs other code (its pipeline files hash to {stored.code}, this checkout's "
+                         f"to {design.code}): every worker must be on the same commit; check out the study's, or start "
+                         "another with --study-name")  # fmt: skip
     for t in failed:  # real failures, and runs whose worker died too often; not those Optuna is retrying
         if "message" in t.user_attrs or len(Retry.retry_history(t)) >= MAX_RETRY:
             again = functools.partial(enqueue, study, [sp.Run(**t.params)] if t.params else [], name, t.number)
@@ -207,8 +194,9 @@ def failure(t: FrozenTrial) -> dict:
 
 
 def work(storage: optuna.storages.RDBStorage, name: str, design: sp.Design, *, label: str, push: str | None,
-         poll_s: float, grace_s: float) -> int:  # fmt: skip
-    """Run the study's runs until every one is done, or only failed ones are left; how many ran here."""
+         poll_s: float, grace_s: float, workers: int = 1) -> int:  # fmt: skip
+    """Run the study's runs until every one is done, or only failed ones are left; how many ran here. The
+    process that enqueues a phase after the first prints the plan with the time left (`workers` here)."""
     study = optuna.load_study(study_name=name, storage=storage)  # one per worker: `optimize` is not re-entrant
     params = yaml.safe_load(git("show", "HEAD:params.yaml")) or {}
     gradients = "log_gradients" in (params.get("train") or {})  # this pipeline can log gradient norms
@@ -224,11 +212,14 @@ def work(storage: optuna.storages.RDBStorage, name: str, design: sp.Design, *, l
         elif TrialState.RUNNING in states:  # the phase's last runs, or a dead worker's until it goes stale
             time.sleep(poll_s)
         else:
-            pending = sp.next_phase(design, collect(study.get_trials(deepcopy=False))[0])
+            done = collect(study.get_trials(deepcopy=False))[0]
+            pending = sp.next_phase(design, done)
             if pending is None or pending[0] in enqueued:  # all done, or only failed runs are left
                 return len(ran)
             enqueued.add(pending[0])
-            once(storage, f"{name}:{pending[0]}", functools.partial(enqueue, study, pending[1], name), grace_s)
+            said = f"[{label}] phase {pending[0]}: {study_report.plan(design, done, workers)}" if done else ""
+            phase = functools.partial(enqueue, study, pending[1], name, say=said)  # the first phase's plan: main's
+            once(storage, f"{name}:{pending[0]}", phase, grace_s)
 
 
 def trial_run(trial: optuna.Trial, *, design: sp.Design, prefix: str, label: str, push: str | None,
@@ -289,17 +280,13 @@ def check_experiment(ref: str, name: str, wanted: dict[str, str]) -> None:
     """Raises TrialFailed unless the experiment of this name has these params (else the names collide)."""
     params = yaml.safe_load(git("show", f"{ref}:params.yaml"))
     for key, value in wanted.items():
-        got: object = params
-        for part in key.split("."):
-            got = got.get(part) if isinstance(got, dict) else None
+        got = functools.reduce(lambda d, part: d.get(part) if isinstance(d, dict) else None, key.split("."), params)
         with contextlib.suppress(TypeError, ValueError):
             if float(got) == float(value):  # type: ignore[arg-type]
                 continue
         if str(got).lower() != value.lower():
-            raise TrialFailed(
-                f"an experiment called {name} exists with {key}={got} (not {value}): remove it "
-                f"(dvc exp remove {name}) or give this study another --study-name"
-            )
+            raise TrialFailed(f"an experiment called {name} exists with {key}={got} (not {value}): remove it "
+                              f"(dvc exp remove {name}) or give this study another --study-name")  # fmt: skip
 
 
 def run_experiment(run: sp.Run, name: str, design: sp.Design, gradients: bool, push: str | None) -> dict:
@@ -313,8 +300,7 @@ def run_experiment(run: sp.Run, name: str, design: sp.Design, gradients: bool, p
     else:
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         cmd = ["dvc", "exp", "run", "--temp", "--name", name]
-        for key, value in wanted.items():
-            cmd += ["-S", f"{key}={value}"]
+        cmd += [arg for key, value in wanted.items() for arg in ("-S", f"{key}={value}")]
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         dies_with_this_worker = functools.partial(runner.die_with_parent, signal.SIGTERM)  # dvc then stops its stage
         for _ in range(5):  # another worker's dvc in this folder holds git's index or DVC's stash a moment: retry
@@ -347,36 +333,43 @@ def run_experiment(run: sp.Run, name: str, design: sp.Design, gradients: bool, p
 
 
 def read_metrics(ref: str) -> dict:
-    """Test and validation accuracy, the per-epoch validation curve and any gradient curves, from the
-    experiment's DVC-cached outputs (DVC reads them from the cache at that git ref). Raises TrialFailed
-    when the cache lacks one of its outputs (`dvc exp run` only warns when the cache's disk is full)."""
+    """Test and validation accuracy, the test digits (n_test), the validation and any gradient curves, from the
+    experiment's DVC-cached outputs at that git ref. Raises TrialFailed when the cache lacks one of them."""
     from dvc.repo import Repo
 
     with Repo.open(".", rev=ref) as repo:
         missing = cache_integrity.not_in_cache(repo)
         if missing:
             name = ref.rsplit("/", 1)[-1]
-            raise TrialFailed(
-                f"{name}'s outputs are not in DVC's cache: {', '.join(missing)} (its disk may be full); make room, "
-                f"then `dvc exp remove {name}` and run the study again"
-            )
+            raise TrialFailed(f"{name}'s outputs are not in DVC's cache: {', '.join(missing)} (its disk may be full); "
+                              f"make room, then `dvc exp remove {name}` and run the study again")  # fmt: skip
         fs = repo.dvcfs
         test = json.loads(fs.read_text("metrics/eval.json"))["test"]
-        summary = json.loads(fs.read_text("metrics/train/metrics.json"))
+        saved = json.loads(fs.read_text("metrics/train/metrics.json"))["saved"]  # the epoch early stopping kept
+        n_test = json.loads(fs.read_text("metrics/eval/metrics.json")).get("n_test")  # the test digits
         base, gradients = "metrics/train/plots/metrics/train/", {}
         for path in sorted(fs.find(base)):
             rel = path.split(base, 1)[-1]
             if rel.startswith(("grad_norm/", "update_ratio/")) and rel.endswith(".tsv"):
                 gradients[rel.removesuffix(".tsv")] = _tsv(fs.read_text(path))
-        return {
-            "experiment_ref": ref,
-            "test_accuracy": test["accuracy"],
-            "test_log_loss": test["log_loss"],
-            "val_accuracy": summary["saved"]["val_accuracy"],
-            "saved_epoch": summary["saved"]["epoch"],
-            "val_curve": _tsv(fs.read_text("metrics/train/plots/metrics/eval/accuracy.tsv")),
-            **({"gradients": gradients} if gradients else {}),
-        }
+        return {"experiment_ref": ref, "test_accuracy": test["accuracy"], "test_log_loss": test["log_loss"],
+                "n_test": n_test, "val_accuracy": saved["val_accuracy"], "saved_epoch": saved["epoch"],
+                "val_curve": _tsv(fs.read_text("metrics/train/plots/metrics/eval/accuracy.tsv")),
+                **({"gradients": gradients} if gradients else {})}  # fmt: skip
+
+
+def fill_n_test(done: dict[sp.Run, dict]) -> None:
+    """Give records of an older storage (no `n_test`) the test set's size, read from one of their experiments here:
+    every run of a study shares its test set. Without such an experiment in this clone they stay without."""
+    from dvc.repo import Repo
+
+    if any(record.get("n_test") for record in done.values()):
+        return
+    for ref in [record["experiment_ref"] for record in done.values() if record.get("experiment_ref")][:1]:
+        with contextlib.suppress(Exception), Repo.open(".", rev=ref) as repo:  # a ref that is not in this clone
+            n_test = json.loads(repo.dvcfs.read_text("metrics/eval/metrics.json"))["n_test"]
+            for record in done.values():
+                record.setdefault("n_test", n_test)
 
 
 def _tsv(text: str) -> list[float]:

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import yaml
 from optuna.trial import TrialState
 
 from commands import study_protocol as sp
+from commands import study_report
 from commands import study_worker as sw
 from pipeline import atomic
 from pipeline.errors import StageError
@@ -29,7 +31,7 @@ from tests.harness import ENV, ROOT, dvc_project, run, write_params
 PYTHON = sys.executable
 SMALL = [
     "--optimizers", "adam,sgd", "--losses", "sparse_categorical_crossentropy", "--lrs", "0.001,0.01",
-    "--seeds", "2", "--epochs", "1", "--diagnostics", "none", "--poll", "0.5",
+    "--seeds", "2", "--epochs", "1", "--study-name", "small", "--poll", "0.5",
 ]  # fmt: skip
 
 
@@ -84,8 +86,101 @@ def test_a_setting_of_the_users_goes_to_every_run_and_the_studys_own_keys_are_re
     assert wanted["data.source"] == "mnist" and wanted["train.loss"] == SCCE
     assert sp.Design.from_dict(json.loads(json.dumps(design.as_dict()))) == design  # as stored with the study
     for bad in ("train.seed=1", "nokey"):
-        proc = subprocess.run([PYTHON, "-m", "commands.study", "-S", bad], cwd=ROOT, capture_output=True, text=True)
+        proc = subprocess.run(
+            [PYTHON, "-m", "commands.study", "-S", bad], cwd=ROOT, capture_output=True, text=True, check=False
+        )
         assert proc.returncode == 2 and "-S/--set-param" in proc.stderr.splitlines()[-1], proc.stderr
+
+
+def test_diagnostics_run_only_when_asked_and_a_design_stored_before_still_loads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """By default a diagnostic case runs only if the study holds its loss and its optimizer; the design stores the
+    list it resolved to. A design stored by the code before (the four cases explicit) loads and reports."""
+    from commands import study
+
+    def diagnostics(*argv: str) -> tuple:
+        monkeypatch.setattr(sys, "argv", ["study", *argv])
+        return study.design_from(study.parse_args(), "code").diagnostics
+
+    assert diagnostics() == sp.DEFAULT_DIAGNOSTICS  # the full default study: all four
+    assert diagnostics("--losses", SCCE, "--optimizers", "adam,sgd") == ()
+    mse = ("mean_squared_error", "adam", 0.001)
+    assert diagnostics("--losses", f"{SCCE},mean_squared_error", "--optimizers", "adam,rmsprop") == (mse,)
+    assert diagnostics("--diagnostics", "none") == ()
+    assert diagnostics("--losses", SCCE, "--diagnostics", "mean_squared_error:sgd:0.01") == ((*mse[:1], "sgd", 0.01),)
+    stored = {"optimizers": ["adam"], "losses": [SCCE], "lrs": [0.001], "seeds": [42, 43], "epochs": 1,
+              "source": None, "settings": [["data.url", "file:///m.npz"]], "grid": False, "baseline": [SCCE, "adam"],
+              "diagnostics": [list(d) for d in sp.DEFAULT_DIAGNOSTICS], "code": "abc"}  # fmt: skip
+    for raw in (stored, {k: v for k, v in stored.items() if k != "settings"}):  # and before -S
+        design = sp.Design.from_dict(json.loads(json.dumps(raw)))
+        assert design.diagnostics == sp.DEFAULT_DIAGNOSTICS and design.lrs == (0.001,)
+        report = study_report.summarize(design, {}, [], "old")
+        assert report["runs"]["planned"] == 1 + 4 + 1 and report["data"]["url"] == dict(design.settings).get("data.url")
+
+
+def fake_study(design: sp.Design, record: Callable[[sp.Run], dict]) -> dict[sp.Run, dict]:
+    """Every run of the design done, phase by phase: each run's record is `record(run)`."""
+    done: dict[sp.Run, dict] = {}
+    while pending := sp.next_phase(design, done):
+        done |= {run: {"experiment": run.experiment("t"), "run_s": 10.0, **record(run)} for run in pending[1]}
+    return done
+
+
+# validation accuracy of each tuning run (scce; other losses: 0.01 less); seeds add 0.001 each, the test set 0.003
+VAL = {"adam": {0.001: 0.90, 0.01: 0.96, 0.1: None}, "sgd": {0.001: 0.15, 0.01: 0.93, 0.1: 0.94}}
+
+
+def fake_record(run: sp.Run, n_test: int | None = 1000, mse: float = 0.953) -> dict:
+    val = VAL[run.optimizer][run.learning_rate]
+    if val is None:
+        return {"outcome": "diverged"}
+    val += (run.seed - 42) / 1000 - (run.loss != SCCE) / 100
+    test = mse if run.loss == "mean_squared_error" else val + 0.003 * (run.seed % 2)
+    layers = {f"{kind}/{layer}": [0.5, 0.1] for kind in ("grad_norm", "update_ratio") for layer in ("dense", "dense_1")}
+    return {"outcome": "ok", "val_accuracy": val, "test_accuracy": test, "val_curve": [val - 0.05, val],
+            "n_test": n_test, **({"gradients": layers} if run.kind == "diag" else {})}  # fmt: skip
+
+
+def test_the_report_gives_honest_intervals_and_holds_the_study_against_published_results(tmp_path: Path) -> None:
+    """Schmidt et al. 2021 (defaults of several against one tuned), the tutorial's binary_crossentropy, LeCun et
+    al. 1998's MSE net: each verdict from the numbers; the test set's Wilson interval beside the seeds'."""
+    losses = (SCCE, "binary_crossentropy", "mean_squared_error")
+    design = sp.Design(optimizers=("adam", "sgd"), losses=losses, lrs=(0.001, 0.01, 0.1), seeds=(42, 43, 44),
+                       epochs=1, diagnostics=(("binary_crossentropy", "sgd", 0.001),))  # fmt: skip
+    assert study_report.plan(design, {}, 2).startswith("plan: 21 runs (if none diverges), 0 done already; the time")
+    done = fake_study(design, fake_record)
+    assert len(done) == 21 and study_report.plan(design, done, 2).endswith("21 done already; nothing left to run")
+    half = {r: v for i, (r, v) in enumerate(done.items()) if i < 11}
+    assert study_report.plan(design, half, 2).endswith("about 1 minute left, 2 workers, 10 s a run")
+    assert study_report.plan(design, half, 20).endswith("under a minute left, 20 workers, 10 s a run")
+    report = study_report.write(design, done, [], "t", tmp_path)
+    schmidt, tutorial, lecun = (report["published"][k] for k in ("schmidt_2021", "tutorial", "lecun_1998"))
+    # at Keras' defaults (adam 0.001, sgd 0.01) validation picks sgd: test 0.93 against adam tuned at 0.01: 0.96
+    assert (schmidt["defaults"]["optimizer"], schmidt["defaults"]["learning_rate"], schmidt["tuned"]["learning_rate"]) \
+        == ("sgd", 0.01, 0.01) and schmidt["difference_points"] == pytest.approx(-3.0)  # fmt: skip
+    assert schmidt["agrees"] is False and "this study does not agree" in schmidt["says"]
+    assert tutorial["optimizer"] == "adam" and "worse than the softmax baseline" in tutorial["says"]
+    assert not lecun["comparable"] and "not comparable, the study ran on `mnist_sample`" in lecun["says"]
+    for c in report["configs"]:
+        low, high = c["test_accuracy"]["ci95"]
+        assert 0 <= low <= c["test_accuracy"]["mean"] <= high <= 1 and c["test_set_wilson95"]["n_test"] == 1000
+    md = (tmp_path / "study.md").read_text()
+    assert "1 epoch each, data `mnist_sample` (params.yaml at HEAD)" in md and "too few seeds" not in md
+    assert "## Held against published results" in md and "| hidden (`dense`) |" in md and "| output (`dense_1`) |" in md
+    pngs = sorted([study_report.PLOT_LR, study_report.PLOT_PERF, study_report.PLOT_GRAD])
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == pngs
+
+    whole = dataclasses.replace(design, source="mnist", seeds=(42, 43))
+    for mse, verdict in [(0.953, "lies within it: in agreement"), (0.96, "lies above it: not in agreement")]:
+        done = fake_study(whole, functools.partial(fake_record, n_test=10_000, mse=mse))
+        lecun = study_report.summarize(whole, done, [], "t")["published"]["lecun_1998"]
+        assert lecun["comparable"] and verdict in lecun["says"]
+    old = study_report.summarize(whole, fake_study(whole, functools.partial(fake_record, n_test=None)), [], "t")
+    assert old["published"]["schmidt_2021"]["agrees"] is None and "no verdict" in old["published"]["lecun_1998"]["says"]
+    assert all(c["test_set_wilson95"] is None for c in old["configs"])
+    md = study_report.markdown(old, [])
+    assert "| 2 | 0.9620 (n=2: too few seeds for an interval) | — | 0 |" in md and "**n=2: too few seeds" in md
 
 
 def fake_runs(monkeypatch: pytest.MonkeyPatch, fail_once: str = "") -> list[str]:
@@ -268,8 +363,8 @@ def test_reports_are_utf8_and_whole_under_a_latin1_locale(tmp_path: Path) -> Non
     assert (out / "study.md").read_bytes() == before and sorted(p.name for p in out.iterdir() if "tmp" in p.name) == []
 
 
-def study_json(repo: Path) -> dict:
-    return json.loads((repo / "reports/study.json").read_text())
+def study_json(out: Path) -> dict:
+    return json.loads((out / "study.json").read_text())
 
 
 def exp_names(repo: Path) -> list[str]:
@@ -278,34 +373,52 @@ def exp_names(repo: Path) -> list[str]:
 
 @pytest.mark.slow(minutes=3)
 def test_a_small_study_end_to_end_then_a_rerun_runs_nothing(tmp_path: Path) -> None:
+    """Under a name of its own (`--study-name small`): the project's reports/study* stay byte for byte, its report
+    goes to reports/studies/small/. The plan printed first says 6 runs and 6 run; no diagnostic runs (none of the
+    tutorial's cases is in it); 2 seeds give no t-interval, and the report says so."""
     repo = tmp_path / "repo"
     dvc_project(repo)  # trained at 1 epoch: the baseline's first run comes from DVC's run-cache
+    published = {p.name: p.read_bytes() for p in (ROOT / "reports").glob("study*")}
+    (repo / "reports").mkdir(exist_ok=True)
+    for name, data in published.items():  # committed here as in the project
+        (repo / "reports" / name).write_bytes(data)
+    run(["git", "add", "reports"], repo)
+    run(["git", "commit", "-qm", "the published study"], repo)
     proc = run([PYTHON, "-m", "commands.study", *SMALL, "--workers", "2"], repo, timeout=900)
-    assert "ran 6 experiments" in proc.stdout, proc.stdout
-    report = study_json(repo)
+    plan = proc.stdout.index("plan: 6 runs (if none diverges), 0 done already; the time is known after the first runs")
+    assert plan < proc.stdout.index("] trial ") and "ran 6 experiments" in proc.stdout, proc.stdout
+    assert {p.name: p.read_bytes() for p in (repo / "reports").glob("study*")} == published
+    out = repo / "reports/studies/small"
+    report = study_json(out)
     assert report["runs"]["planned"] == report["runs"]["done"] == 6 and report["failed"] == []
+    assert report["diagnostics"] == [] and report["design"]["settings"] == []
     configs = {c["optimizer"]: c for c in report["configs"]}
     assert sorted(configs) == ["adam", "sgd"] and configs["adam"]["baseline"]
     for c in configs.values():
         acc = c["test_accuracy"]
         assert c["seeds"] == [42, 43] and c["best_learning_rate"] in (0.001, 0.01)
-        assert acc["ci95"][0] <= acc["mean"] <= acc["ci95"][1] and 0.1 < acc["mean"] <= 1
+        assert acc["ci95"] == [None, None] and acc["n"] == 2 and 0.1 < acc["mean"] <= 1  # no interval from 2 seeds
+        low, high = c["test_set_wilson95"]["ci95"]
+        assert c["test_set_wilson95"]["n_test"] == 1000 and 0 <= low < acc["mean"] < high <= 1
         assert [e["outcome"] for e in c["learning_rates"]] == ["ok", "ok"]
         assert c["epochs_to_baseline_validation"]["target"] is not None
     assert configs["adam"]["difference_to_baseline"]["mean"] == 0.0
     diff = configs["sgd"]["difference_to_baseline"]
-    assert diff["n"] == 2 and diff["mean"] == pytest.approx(
+    assert diff["n"] == 2 and diff["ci95"] == [None, None]
+    assert diff["mean"] == pytest.approx(
         sum(configs["sgd"]["test_accuracy"]["values"]) / 2 - sum(configs["adam"]["test_accuracy"]["values"]) / 2
     )
-    md = (repo / "reports/study.md").read_text()
+    md = (out / "study.md").read_text()
     assert "| sparse_categorical_crossentropy | sgd |" in md and "(baseline)" in md
+    assert "**n=2: too few seeds for an interval.**" in md and "(n=2: too few seeds for an interval)" in md
+    assert "1 epoch each, data `mnist_sample` (params.yaml at HEAD)" in md and "## Held against published" in md
     for png in ("study_lr_sensitivity.png", "study_performance.png"):
-        assert (repo / "reports" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    names = exp_names(repo)  # every run is a DVC experiment, named for what it is
-    assert len(names) == 6 and "study-scce-adam-lr0.001-s42" in names
+    names = exp_names(repo)  # every run is a DVC experiment, named for what it is; no diagnostic among them
+    assert len(names) == 6 and "small-scce-adam-lr0.001-s42" in names and not any("diag" in n for n in names)
     best = configs["sgd"]
-    name = f"study-scce-sgd-lr{sp.lr_text(best['best_learning_rate'])}-s43"
+    name = f"small-scce-sgd-lr{sp.lr_text(best['best_learning_rate'])}-s43"
     assert name in best["experiments"]
     run(["dvc", "exp", "apply", name], repo)  # restores its model and metrics
     applied = json.loads((repo / "metrics/eval.json").read_text())["test"]["accuracy"]
@@ -313,8 +426,23 @@ def test_a_small_study_end_to_end_then_a_rerun_runs_nothing(tmp_path: Path) -> N
     run(["git", "checkout", "-q", "--", "."], repo)
 
     again = run([PYTHON, "-m", "commands.study", *SMALL, "--workers", "2"], repo)
+    assert "plan: 6 runs (if none diverges), 6 done already; nothing left to run" in again.stdout
     assert "ran 0 experiments" in again.stdout and exp_names(repo) == names
-    assert study_json(repo)["configs"] == report["configs"]
+    assert study_json(out)["configs"] == report["configs"]
+    assert n_test_of_an_older_storage(repo, "small") == [1000] * 6
+
+
+def n_test_of_an_older_storage(repo: Path, name: str) -> list[int]:
+    """The study's records as a storage from before runs recorded n_test holds them, given it by `fill_n_test`."""
+    done, _ = sw.collect(
+        optuna.load_study(study_name=name, storage=f"sqlite:///{repo}/.dvc/tmp/study/optuna.db").trials
+    )
+    for record in done.values():
+        del record["n_test"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(repo)
+        sw.fill_n_test(done)
+    return [record["n_test"] for record in done.values()]
 
 
 @pytest.mark.slow(minutes=1)
@@ -344,6 +472,6 @@ def test_make_study_with_settings_of_its_own_needs_a_name() -> None:
     )
     assert refused.returncode == 2 and refused.stdout == ""
     assert refused.stderr.startswith("error: a study with settings of your own needs a name: make study STUDY=NAME")
-    named = run(["make", "-n", "-o", "setup", "study", "LRS=0.1", "STUDY=mine"], ROOT).stdout
-    assert "--lrs 0.1" in named and "--study-name mine" in named
+    named = run(["make", "-n", "-o", "setup", "study", "LRS=0.1", "STUDY=mine", "DIAGNOSTICS=none"], ROOT).stdout
+    assert "--lrs 0.1" in named and "--study-name mine" in named and "--diagnostics none" in named
     assert "--study-name" not in run(["make", "-n", "-o", "setup", "study"], ROOT).stdout
