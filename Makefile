@@ -73,10 +73,8 @@ LRS     ?= 0.0001,0.001,0.01,0.1,1
 SEEDS   ?= 5
 EPOCHS  ?= 10
 WORKERS ?= $(JOBS)
-# Settings of your own need a study name of your own: the published reports/study* come from the default study only.
-STUDY_OWN = $(filter command line environment,$(foreach v,LOSSES OPTIMIZERS LRS SEEDS EPOCHS SOURCE GRID DIAGNOSTICS,$(origin $(v))))
+# Settings of your own need a study name of your own (the command refuses them under the published study's name).
 study: setup
-	@$(if $(and $(STUDY_OWN),$(if $(STUDY),,own)),echo "error: a study with settings of your own needs a name: make study STUDY=NAME ... (its report goes to reports/studies/NAME/; the published reports/study* come from the default study only)" >&2; exit 2)
 	$(RUN) $(BIN)/python -m commands.study --lrs $(LRS) --seeds $(SEEDS) --epochs $(EPOCHS) --workers $(WORKERS) \
 		$(if $(filter command line environment,$(origin LOSSES)),--losses $(LOSSES)) \
 		$(if $(filter command line environment,$(origin OPTIMIZERS)),--optimizers $(OPTIMIZERS)) \

@@ -17,13 +17,15 @@ plan, printed first, and the results: what is there is not rerun. Not a DVC stag
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from commands import study_protocol as sp
-from pipeline import datasets, errors, losses, optimizers, runner
+from pipeline import datasets, errors, losses, optimizers, params, runner
 
 
 def names(known: tuple[str, ...] | dict, what: str):
@@ -102,17 +104,51 @@ def parse_args() -> argparse.Namespace:
 
 
 def design_from(args: argparse.Namespace, code: str) -> sp.Design:
+    """The study's design from its options. Raises StageError for a bad --baseline or --study-name, and for settings
+    of its own under the published study's name (its report would replace reports/study*)."""
     baseline = tuple(args.baseline.split(","))
     if len(baseline) != 2 or baseline[0] not in losses.LOSSES or baseline[1] not in optimizers.OPTIMIZERS:
-        raise errors.StageError(f"--baseline takes LOSS,OPTIMIZER (known losses, optimizers), got {args.baseline!r}")
+        known = f"losses: {', '.join(losses.LOSSES)}; optimizers: {', '.join(optimizers.OPTIMIZERS)}"
+        raise errors.StageError(f"--baseline takes LOSS,OPTIMIZER, got {args.baseline!r} ({known})")
     if not all(c.isalnum() or c in "-_" for c in args.study_name):
         raise errors.StageError(f"--study-name: letters, digits, - and _ only (names experiments): {args.study_name!r}")
     # by default the tutorial's cases that the study's losses and optimizers hold, stored as that list
     own = tuple(d for d in sp.DEFAULT_DIAGNOSTICS if d[0] in args.losses and d[1] in args.optimizers)
     seeds = tuple(range(args.first_seed, args.first_seed + args.seeds))
-    return sp.Design(optimizers=args.optimizers, losses=args.losses, lrs=args.lrs, seeds=seeds, epochs=args.epochs,
-                     source=args.source, settings=tuple(args.set_param), grid=args.grid, baseline=baseline,
-                     diagnostics=own if args.diagnostics is None else args.diagnostics, code=code)  # fmt: skip
+    design = sp.Design(optimizers=args.optimizers, losses=args.losses, lrs=args.lrs, seeds=seeds, epochs=args.epochs,
+                       source=args.source, settings=tuple(args.set_param), grid=args.grid, baseline=baseline,
+                       diagnostics=own if args.diagnostics is None else args.diagnostics, code=code)  # fmt: skip
+    if args.study_name == "study" and dataclasses.replace(design, code="") != sp.Design():
+        raise errors.StageError("a study with settings of its own needs a name of its own: --study-name NAME (make "
+                                "study STUDY=NAME); its report goes to reports/studies/NAME/, the published "
+                                "reports/study* come from the default study only")  # fmt: skip
+    return design
+
+
+def check_runs(design: sp.Design, sw: Any) -> None:
+    """Read what the study's runs would write into params.yaml (HEAD's, with `dvc exp run -S`'s values: each
+    configuration at the first and last rate and seed) with the pipeline's own schema, before the study is stored:
+    a bad -S or --first-seed is one line here, not a failed run per trial. Raises StageError."""
+    from ruamel.yaml import YAML
+
+    yaml = YAML(typ="safe", pure=True)
+    configs = [*design.stage1(), *((loss, design.baseline[1]) for loss in design.losses)]
+    runs = [sp.Run("tune", *config, lr, seed) for config in configs
+            for lr, seed in ((design.lrs[0], design.seeds[0]), (design.lrs[-1], design.seeds[-1]))]  # fmt: skip
+    runs += [sp.Run("diag", loss, opt, lr, design.seeds[0]) for loss, opt, lr in design.diagnostics]
+    for run in runs:
+        raw = yaml.load(sw.git("show", "HEAD:params.yaml")) or {}
+        for key, value in sw.settings(run, design, gradients=run.kind == "diag").items():
+            *path, last = key.split(".")
+            node = raw
+            for part in path:
+                node = node.setdefault(part, {}) if isinstance(node, dict) else {}
+            node[last] = yaml.load(value)
+        try:
+            params.parse(raw)
+        except errors.ParamError as exc:
+            raise errors.StageError(f"the study's runs would be refused: {exc} (from -S, --first-seed or HEAD's "
+                                    "params.yaml); nothing was run or stored") from None  # fmt: skip
 
 
 def main() -> None:
@@ -126,6 +162,9 @@ def main() -> None:
     from commands import study_worker as sw
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed run is one line of ours, with its log
+    if not args.report_only:
+        design = design_from(args, sw.code_id())  # first: before another worker's `dvc exp run -S` edits params.yaml
+        check_runs(design, sw)
     url = args.storage or sw.DEFAULT_STORAGE
     storage = sw.open_storage(url, args.heartbeat, args.grace)
     if args.report_only:
@@ -135,7 +174,6 @@ def main() -> None:
             raise errors.StageError(f"no study {args.study_name!r} in {sw.redact(url)}") from None
         design = sp.Design.from_dict(study.user_attrs["design"])
     else:
-        design = design_from(args, sw.code_id())  # first: before another worker's `dvc exp run -S` edits params.yaml
         from dvc.repo import Repo
 
         with Repo(".") as repo:  # each run is a `dvc exp run --temp`

@@ -72,7 +72,8 @@ def summarize(design: sp.Design, done: dict[sp.Run, dict], failed: list[dict], n
         common = [s for s in c["seeds"] if s in base_runs]
         pairs = [[runs[s]["test_accuracy"] for s in common], [base_runs[s]["test_accuracy"] for s in common]]
         diff = paired_difference_ci(*pairs, DIFFERENCE).as_dict() if common else {"mean": None, "ci95": [None, None]}
-        c["difference_to_baseline"] = {"mean": 0.0, "ci95": [0.0, 0.0]} if c["baseline"] else diff
+        zero = {"mean": 0.0, "ci95": [0.0, 0.0] if len(common) >= MIN_N else [None, None]}  # as the other rows
+        c["difference_to_baseline"] = zero if c["baseline"] else diff
         c["difference_to_baseline"]["n"] = len(common)
         curves = [runs[s]["val_curve"] for s in c["seeds"]] if target else []  # the first epoch that reaches it:
         per_seed = [next((e for e, v in enumerate(curve, 1) if v >= target - 1e-12), None) for curve in curves]
@@ -221,7 +222,8 @@ def _fmt(iv: dict, scale: float = 1.0, digits: int = 4, unit: str = "", sign: bo
     low, high = iv["ci95"]
     if low is None or high is None:
         return f"{text} (n={iv['n']}: {TOO_FEW})"
-    return f"{text} [{low * scale:.{digits}f}, {high * scale:.{digits}f}]"
+    bound = f"{'+' if sign else ''}.{digits}f"  # a difference's bounds signed, as its mean: [-0.20, +0.34]
+    return f"{text} [{low * scale + 0.0:{bound}}, {high * scale + 0.0:{bound}}]"
 
 
 def markdown(report: dict, images: list[tuple[str, str]]) -> str:
@@ -355,7 +357,8 @@ def _plot_sensitivity(plt: Any, report: dict) -> Any:
 
 def _plot_performance(plt: Any, report: dict) -> Any:
     ranked = [c for c in sorted(report["configs"], key=lambda c: c["test_accuracy"]["mean"] or -1) if c["seeds"]]
-    fig, ax = plt.subplots(figsize=(9, 0.9 + 0.35 * max(len(ranked), 1)))
+    fig, ax = plt.subplots(figsize=(9, 1.8 + 0.35 * len(ranked)))
+    ax.set_ylim(-0.7, len(ranked) - 0.3)  # the first and last rows whole
     for y, c in enumerate(ranked):
         m, (low, high) = c["test_accuracy"]["mean"], c["test_accuracy"]["ci95"]
         ax.errorbar(m, y, xerr=[[m - low], [high - m]] if low is not None else None, fmt="o", capsize=3,
@@ -380,7 +383,7 @@ def _plot_gradients(plt: Any, report: dict) -> Any:
         for j, (layer, what) in enumerate(_layers({k.split("/", 1)[1] for k in g["gradients"]}).items()):
             for ax, kind in zip(axes, ("grad_norm", "update_ratio"), strict=True):
                 vals = g["gradients"].get(f"{kind}/{layer}", [])
-                ax.plot(range(1, len(vals) + 1), vals, color=plt.get_cmap("tab10")(i % 10),
+                ax.plot(range(1, len(vals) + 1), vals, marker=".", color=plt.get_cmap("tab10")(i % 10),
                         ls=":" if what == "output" else STYLES[j % 3],
                         label=f"{g['loss']} + {g['optimizer']} {sp.lr_text(g['learning_rate'])}, {what}")  # fmt: skip
     for ax, title in zip(axes, ("gradient norm (fixed batch)", "update ratio per epoch"), strict=True):

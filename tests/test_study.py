@@ -78,7 +78,9 @@ def test_a_setting_of_the_users_goes_to_every_run_and_the_studys_own_keys_are_re
     from commands import study
 
     url = "data.url=file:///m/mnist.npz"
-    monkeypatch.setattr(sys, "argv", ["study", "--source", "mnist", "-S", url, "-S", "data.sha256=" + "0" * 64])
+    monkeypatch.setattr(
+        sys, "argv", ["study", "--study-name", "m", "--source", "mnist", "-S", url, "-S", "data.sha256=" + "0" * 64]
+    )
     design = study.design_from(study.parse_args(), "code")
     run = sp.Run("tune", SCCE, "adam", 0.001, 42)
     wanted = sw.settings(run, design, gradients=False)
@@ -100,7 +102,7 @@ def test_diagnostics_run_only_when_asked_and_a_design_stored_before_still_loads(
     from commands import study
 
     def diagnostics(*argv: str) -> tuple:
-        monkeypatch.setattr(sys, "argv", ["study", *argv])
+        monkeypatch.setattr(sys, "argv", ["study", "--study-name", "d", *argv])
         return study.design_from(study.parse_args(), "code").diagnostics
 
     assert diagnostics() == sp.DEFAULT_DIAGNOSTICS  # the full default study: all four
@@ -465,15 +467,25 @@ def test_a_failed_run_is_named_with_where_to_see_why(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "unknown loss nope" in bad.stderr
 
 
-def test_make_study_with_settings_of_its_own_needs_a_name() -> None:
-    """The published reports/study* come from the default study only: own settings without STUDY= are refused
-    in one line before anything runs, and with a name they reach the command as --study-name."""
-    # BIN: were the guard gone, the study would fail to start (its python is not there) instead of running here
-    refused = run(
-        ["make", "--no-print-directory", "-o", "setup", "study", "LRS=0.1", "BIN=/no-such-venv/bin"], ROOT, False
-    )
-    assert refused.returncode == 2 and refused.stdout == ""
-    assert refused.stderr.startswith("error: a study with settings of your own needs a name: make study STUDY=NAME")
+@pytest.mark.pipeline(seconds=8)
+def test_settings_of_its_own_need_a_name_and_bad_ones_are_refused_before_anything_is_stored(tmp_path: Path) -> None:
+    """The published reports/study* come from the default study only: settings of its own under that name are
+    refused in one line; a -S or seed that every run's check would refuse is one line before the study is stored
+    (its name stays free). `make study` passes a name and DIAGNOSTICS on."""
+    repo = tmp_path / "repo"
+    dvc_project(repo)
+    refused = {
+        ("--lrs", "0.1"): "error: a study with settings of its own needs a name of its own: --study-name NAME",
+        ("--study-name", "s", "--first-seed", "-1"): "error: the study's runs would be refused: params.yaml: "
+        "train.seed: must be >= 0, got -1",
+        ("--study-name", "s", "-S", "data.url=notaurl"): "error: the study's runs would be refused: params.yaml: "
+        "data.url: 'notaurl' must start with http://",
+    }
+    for args, line in refused.items():
+        proc = run([PYTHON, "-m", "commands.study", *args], repo, check=False)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(line), proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert not (repo / ".dvc/tmp/study").exists()  # nothing stored
     named = run(["make", "-n", "-o", "setup", "study", "LRS=0.1", "STUDY=mine", "DIAGNOSTICS=none"], ROOT).stdout
     assert "--lrs 0.1" in named and "--study-name mine" in named and "--diagnostics none" in named
     assert "--study-name" not in run(["make", "-n", "-o", "setup", "study"], ROOT).stdout

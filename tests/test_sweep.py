@@ -78,7 +78,10 @@ def test_a_folder_dvc_cannot_encode_ends_the_sweep_and_the_study_at_once(tmp_pat
     `--run-all` then waits forever: both commands say so before queueing anything."""
     repo = tmp_path / "lab-ü"
     dvc_project(repo)
-    for command in (["commands.sweep", "-S", "train.epochs=1,2"], ["commands.study", "--lrs", "0.01", "--seeds", "1"]):
+    for command in (
+        ["commands.sweep", "-S", "train.epochs=1,2"],
+        ["commands.study", "--study-name", "s", "--lrs", "0.01", "--seeds", "1"],
+    ):
         proc = run([PYTHON, "-m", *command], repo, check=False, timeout=120)
         line = proc.stderr.strip().splitlines()[-1]
         assert proc.returncode == 2 and line.startswith("error: DVC cannot run experiments outside the workspace")
