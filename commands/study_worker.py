@@ -359,17 +359,18 @@ def read_metrics(ref: str) -> dict:
 
 
 def fill_n_test(done: dict[sp.Run, dict]) -> None:
-    """Give records of an older storage (no `n_test`) the test set's size, read from one of their experiments here:
-    every run of a study shares its test set. Without such an experiment in this clone they stay without."""
+    """Give records of an older storage (no `n_test`) the test set's size: every run of a study shares its test set,
+    so a record that has it, else one of their experiments here, gives it (without either they stay without)."""
     from dvc.repo import Repo
 
-    if any(record.get("n_test") for record in done.values()):
-        return
-    for ref in [record["experiment_ref"] for record in done.values() if record.get("experiment_ref")][:1]:
+    n_test = next((record["n_test"] for record in done.values() if record.get("n_test")), None)
+    for ref in [] if n_test else [record["experiment_ref"] for record in done.values() if "experiment_ref" in record]:
         with contextlib.suppress(Exception), Repo.open(".", rev=ref) as repo:  # a ref that is not in this clone
             n_test = json.loads(repo.dvcfs.read_text("metrics/eval/metrics.json"))["n_test"]
-            for record in done.values():
-                record.setdefault("n_test", n_test)
+        break
+    for record in done.values():
+        if n_test and sp.ok(record) and not record.get("n_test"):
+            record["n_test"] = n_test
 
 
 def _tsv(text: str) -> list[float]:

@@ -187,6 +187,14 @@ def test_the_report_gives_honest_intervals_and_holds_the_study_against_published
     assert "| 2 | 0.9620 (n=2: too few seeds for an interval) | — | 0 |" in md and "**n=2: too few seeds" in md
 
 
+def test_records_of_an_older_storage_take_the_test_sets_size_from_the_others() -> None:
+    """A storage whose first runs predate n_test: those records take it from the later ones (one test set)."""
+    old, new, diverged = (sp.Run("tune", SCCE, "adam", lr, 42) for lr in (0.01, 0.1, 1.0))
+    done = {old: ok(0.9), new: {**ok(0.9), "n_test": 1000}, diverged: {"outcome": "diverged"}}
+    sw.fill_n_test(done)
+    assert done[old]["n_test"] == done[new]["n_test"] == 1000 and "n_test" not in done[diverged]
+
+
 def fake_runs(monkeypatch: pytest.MonkeyPatch, fail_once: str = "") -> list[str]:
     """run_experiment faked: a record in 20 ms (`fail_once`: that experiment fails its first time)."""
     runs: list[str] = []
