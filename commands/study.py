@@ -136,8 +136,9 @@ def check_runs(design: sp.Design, sw: Any) -> None:
     runs = [sp.Run("tune", *config, lr, seed) for config in configs
             for lr, seed in ((design.lrs[0], design.seeds[0]), (design.lrs[-1], design.seeds[-1]))]  # fmt: skip
     runs += [sp.Run("diag", loss, opt, lr, design.seeds[0]) for loss, opt, lr in design.diagnostics]
+    head = sw.git("show", "HEAD:params.yaml")  # once: each run below parses its own copy
     for run in runs:
-        raw = yaml.load(sw.git("show", "HEAD:params.yaml")) or {}
+        raw = yaml.load(head) or {}
         for key, value in sw.settings(run, design, gradients=run.kind == "diag").items():
             *path, last = key.split(".")
             node = raw
