@@ -48,8 +48,7 @@ def main() -> None:
         vlc=vl_convert.__version__,
         bundle=vl_convert.javascript_bundle(vl_version=VEGA_LITE),
     )
-    with atomic.target(OUT) as tmp:
-        tmp.write_text(page, encoding="utf8")
+    atomic.write_text(OUT, page)
     print(f"{OUT}: DVC's plots page with Vega inlined ({len(page) // 1024} KiB)")
 
 

@@ -201,8 +201,7 @@ def work(storage: optuna.storages.RDBStorage, name: str, design: sp.Design, *, l
     params = yaml.safe_load(git("show", "HEAD:params.yaml")) or {}
     gradients = "log_gradients" in (params.get("train") or {})  # this pipeline can log gradient norms
     ran: list[str] = []
-    objective = functools.partial(trial_run, design=design, prefix=name, label=label, push=push,
-                                  gradients=gradients, ran=ran)  # fmt: skip
+    objective = functools.partial(trial_run, design=design, label=label, push=push, gradients=gradients, ran=ran)
     enqueued: set[str] = set()
     while True:
         optuna.storages.fail_stale_trials(study)  # a dead worker's run: failed, and enqueued again
@@ -222,8 +221,8 @@ def work(storage: optuna.storages.RDBStorage, name: str, design: sp.Design, *, l
             once(storage, f"{name}:{pending[0]}", phase, grace_s)
 
 
-def trial_run(trial: optuna.Trial, *, design: sp.Design, prefix: str, label: str, push: str | None,
-              gradients: bool, ran: list[str]) -> float:  # fmt: skip
+def trial_run(trial: optuna.Trial, *, design: sp.Design, label: str, push: str | None, gradients: bool,
+              ran: list[str]) -> float:  # fmt: skip
     """The objective: the trial's run as a DVC experiment; its validation accuracy. Raises TrialFailed, and
     optuna.TrialPruned when training diverged (or no run was waiting)."""
     name = trial.user_attrs.get("experiment")
