@@ -28,9 +28,10 @@ repro: setup
 	$(RUN) $(BIN)/dvc repro
 	$(RUN) $(BIN)/python -m commands.cache_check
 
-# Two xdist workers, one per core (the stages train on one thread each); each worker takes the longest
-# test (or module sharing a fixture) left, in conftest's order (--no-loadscope-reorder keeps it).
-TEST_WORKERS ?= 2
+# One xdist worker more than there are cores: a worker waits on its dvc and stage subprocesses part of the
+# time (on 2 cores, 2 workers kept them 93% busy, 3 workers 98%; docs/testing.md). Each worker takes the
+# longest test (or module sharing a fixture) left, in conftest's order (--no-loadscope-reorder keeps it).
+TEST_WORKERS ?= $(shell echo $$(( $$(nproc 2>/dev/null || echo 1) + 1 )))
 PYTEST := $(RUN) $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 test: setup
 	$(PYTEST)
