@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sklearn.metrics import accuracy_score
 
 from tests.harness import BIN, ENV, STAGES, dvc_project, reset_worktree, run, write_params
 
@@ -39,6 +38,7 @@ def load_json(path: Path) -> dict:
 
 def test_every_output_exists_and_the_accuracy_comes_from_the_models_predictions(repo: Path) -> None:
     import keras
+    from sklearn.metrics import accuracy_score  # here, not at collection (every xdist worker collects every module)
 
     raw = np.load(repo / "data/raw/dataset.npz")
     assert raw["x_train"].dtype == np.uint8 and raw["x_train"].shape == (4000, 28, 28)
