@@ -59,7 +59,7 @@ def test_every_loss_is_wired_to_its_labels_output_and_metrics(loss: str, from_lo
     """The labels as the loss expects them (a step lowers it), the output its activation, and `accuracy`
     the top-1 accuracy whatever the loss (scikit-learn's of the same outputs); `binary_accuracy` only for
     one-vs-rest losses, under that name: the share of the ten yes/no answers right, at 0.5 (0 on logits)."""
-    from sklearn.metrics import accuracy_score  # here, not at collection: each xdist worker collects every module
+    from sklearn.metrics import accuracy_score  # not at collection (docs/testing.md)
 
     p = make({"loss": loss, "from_logits": from_logits})
     model, (before, after), outputs, scores = one_step(p, small)

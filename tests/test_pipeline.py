@@ -38,7 +38,7 @@ def load_json(path: Path) -> dict:
 
 def test_every_output_exists_and_the_accuracy_comes_from_the_models_predictions(repo: Path) -> None:
     import keras
-    from sklearn.metrics import accuracy_score  # here, not at collection (every xdist worker collects every module)
+    from sklearn.metrics import accuracy_score  # not at collection (docs/testing.md)
 
     raw = np.load(repo / "data/raw/dataset.npz")
     assert raw["x_train"].dtype == np.uint8 and raw["x_train"].shape == (4000, 28, 28)

@@ -1,5 +1,5 @@
-"""The experiment report's guard against shrinking a table. `commands.report` is imported in each test, not at
-collection (it imports DVC and matplotlib, 0.8 s, and every xdist worker collects every module)."""
+"""The experiment report's guard against shrinking a table (`commands.report` imported in each test, not at
+collection: docs/testing.md)."""
 
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ def shipped(folder: Path, section: dict, small: dict) -> tuple:
 @pytest.mark.parametrize("case", CASES)
 def test_litert_gives_keras_probabilities_predictions_and_log_loss(case: str, tmp_path: Path, small: dict) -> None:
     import keras
-    from sklearn.metrics import log_loss  # here, not at collection (every xdist worker collects every module)
+    from sklearn.metrics import log_loss  # not at collection (docs/testing.md)
 
     model, x, y = shipped(tmp_path, CASES[case], small)
     expected = model.predict(x, verbose=0)
