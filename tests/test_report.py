@@ -1,5 +1,5 @@
-"""The experiment report's guard against shrinking a table (`commands.report` imported in each test, not at
-collection: docs/testing.md)."""
+"""How the experiment report counts a table's rows and writes numbers (the refusal to shrink a table is
+tests/test_sharing.py's). `commands.report` is imported in each test, not at collection: docs/testing.md."""
 
 from __future__ import annotations
 

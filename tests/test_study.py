@@ -388,7 +388,8 @@ def test_a_small_study_end_to_end_then_a_rerun_runs_nothing(tmp_path: Path) -> N
     """Under a name of its own (`--study-name small`): the project's reports/study* stay byte for byte, its report
     goes to reports/studies/small/. The plan printed first says 4 runs and 4 run; no diagnostic runs (none of the
     tutorial's cases is in it); 2 seeds give no t-interval, and the report says so. One learning rate: how the
-    runs before a phase choose it is test_each_phase_is_chosen_by_the_runs_before_it's."""
+    runs before a phase choose it is test_each_phase_is_chosen_by_the_runs_before_it's, and a choice
+    between real runs' rates tests/test_study_postgres.py's."""
     repo = tmp_path / "repo"
     dvc_project(repo)  # trained at 1 epoch: the baseline's first run comes from DVC's run-cache
     published = {p.name: p.read_bytes() for p in (ROOT / "reports").glob("study*")}

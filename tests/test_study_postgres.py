@@ -23,6 +23,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from commands import study_protocol as sp
 from tests.harness import ENV, dvc_project, free_ports, run, wait_for
 from tests.test_study import by_experiment, exp_names
 
@@ -126,6 +127,9 @@ def test_two_workers_one_killed_every_run_done_once(tmp_path: Path, postgres: st
     assert config["seeds"] == [42, 43] and config["test_accuracy"]["n"] == 2  # (no interval from 2 seeds)
     names = exp_names(repo)
     assert killed in names and len(names) == len(set(names)) == 3
+    tuned = {e["learning_rate"]: e["validation_accuracy"] for e in config["learning_rates"]}
+    best = max(sorted(tuned), key=tuned.__getitem__)  # the better real run's rate (a tie: the smaller)
+    assert config["best_learning_rate"] == best and f"pg-scce-adam-lr{sp.lr_text(best)}-s43" in names, tuned
 
     other = tmp_path / "other"  # another clone: the report from the storage alone
     dvc_project(other)
