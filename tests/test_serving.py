@@ -2,9 +2,10 @@
 
 For a softmax model, a one-vs-rest sigmoid model (the tutorial's binary_crossentropy) and a model
 trained on logits: the same probabilities within 1e-5 on the test digits, the same predictions,
-and evaluate's log loss equal to scikit-learn's `log_loss` and, for softmax outputs, to Keras' own
-crossentropy of the same outputs. Also: the export is byte-reproducible, and the log loss of
-outputs that are not a distribution is taken of the distribution the README describes.
+and the log loss as evaluate takes it (scikit-learn's `log_loss` of `serving.class_probabilities`)
+equal, for softmax outputs, to Keras' own crossentropy of the same outputs. Also: the export is
+byte-reproducible, and the log loss of outputs that are not a distribution is taken of the
+distribution the README describes.
 """
 
 from __future__ import annotations
