@@ -29,10 +29,9 @@ repro: setup
 	$(RUN) $(BIN)/python -m commands.cache_check
 
 # One xdist worker more than there are cores: a worker waits on its dvc and stage subprocesses part of the
-# time (on 2 cores, 2 workers kept them 93% busy, 3 workers 98%; docs/testing.md). Each worker takes the
-# longest test (or module sharing a fixture) left, in conftest's order (--no-loadscope-reorder keeps it).
-# TEST_WORKERS=N for another count.
-PYTEST := $(RUN) $(BIN)/python -m pytest -n $(or $(TEST_WORKERS),$(shell echo $$(( $$(nproc 2>/dev/null || echo 1) + 1 )))) \
+# time (docs/testing.md measures it). Each worker takes the longest test (or module sharing a fixture) left,
+# in conftest's order (--no-loadscope-reorder keeps it). TEST_WORKERS=N for another count.
+PYTEST = $(RUN) $(BIN)/python -m pytest -n $(or $(TEST_WORKERS),$(shell echo $$(( $$(nproc 2>/dev/null || echo 1) + 1 )))) \
 	--dist loadgroup --no-loadscope-reorder
 test: setup
 	$(PYTEST)
